@@ -1,0 +1,40 @@
+"""spra_jax: SpaRTA (Sparse Random parameTer Adaptation) for JAX.
+
+Fine-tune a pretrained model by training only a small random subset of its
+scalar parameters; every other entry stays frozen.
+
+  >>> import jax, optax
+  >>> import spra_jax as spra
+  >>> tx = spra.masked(optax.adamw(1e-4), density=0.01, key=jax.random.key(0))
+
+See ``spra.masked`` (the Optax transformation), ``spra.sample_mask`` and
+``spra.masks`` (mask distributions), and ``spra.SparseDelta`` (adapters).
+"""
+
+from spra_jax import compact, masks
+from spra_jax.delta import SparseDelta, add_deltas, extract, init_delta, merge, unmerge
+from spra_jax.masks import LeafMask, from_dense, num_trainable, sample_mask, to_dense
+from spra_jax.masks import summary as mask_summary
+from spra_jax.transform import SparseMaskedState, mask_of, masked
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LeafMask",
+    "SparseDelta",
+    "SparseMaskedState",
+    "add_deltas",
+    "compact",
+    "extract",
+    "from_dense",
+    "init_delta",
+    "mask_of",
+    "mask_summary",
+    "masked",
+    "masks",
+    "merge",
+    "num_trainable",
+    "sample_mask",
+    "to_dense",
+    "unmerge",
+]

@@ -1,0 +1,258 @@
+"""Sparse deltas: the trained change of a SpaRTA run, as indices plus values.
+
+A :class:`SparseDelta` pairs a mask (per leaf: frozen, full, or sorted int32
+flat indices) with a compact tree of values (a ``[k]`` vector per sparse leaf,
+the whole array per full leaf, ``None`` per frozen leaf). The fine-tuned model
+is ``merge(base, delta)``: θ = θ_base + scatter(φ, Δφ).
+
+Example:
+
+  >>> import jax, jax.numpy as jnp
+  >>> import spra_jax as spra
+  >>> base = {'w': jnp.zeros((4, 4))}
+  >>> mask = spra.sample_mask(jax.random.key(0), base, density=0.25)
+  >>> tuned = spra.merge(base, spra.init_delta(mask).replace(values={'w': jnp.ones(4)}))
+  >>> delta = spra.extract(tuned, base, mask)
+  >>> float(delta.values['w'].sum()), int((tuned['w'] != 0).sum())
+  (4.0, 4)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spra_jax import compact
+from spra_jax.masks import FROZEN, FULL, SPARSE, LeafMask, is_leaf_mask, num_trainable, path_str, validate
+
+__all__ = ["SparseDelta", "init_delta", "extract", "merge", "unmerge", "add_deltas"]
+
+
+@jax.tree_util.register_pytree_node_class
+class SparseDelta:
+  """Indices and values per parameter leaf.
+
+  Attributes:
+    mask: a params-shaped tree of ``LeafMask`` (the indices).
+    values: the compact tree of values: ``[k]`` per sparse leaf, the leaf's
+      shape per full leaf, ``None`` per frozen leaf.
+
+  A ``SparseDelta`` is a pytree whose leaves are the index vectors and the
+  value arrays, so it can be passed through ``jax.jit``, ``device_put`` and
+  checkpoints. Deltas add with ``+`` (over the union of their indices).
+  """
+
+  __slots__ = ("mask", "values")
+
+  def __init__(self, mask: Any, values: Any):
+    self.mask = mask
+    self.values = values
+
+  def tree_flatten(self):
+    return (self.mask, self.values), None
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    del aux
+    obj = object.__new__(cls)
+    obj.mask, obj.values = children
+    return obj
+
+  def replace(self, *, values: Any) -> SparseDelta:
+    """The same indices with new values (of the same compact structure)."""
+    return SparseDelta(self.mask, values)
+
+  @property
+  def num_trainable(self) -> int:
+    """Number of scalar values the delta holds."""
+    return num_trainable(self.mask)
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes of the values plus 4 per sparse index."""
+    values = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(self.values))
+    indices = sum(4 * m.num_trainable for m in jax.tree.leaves(self.mask, is_leaf=is_leaf_mask) if m.kind == SPARSE)
+    return values + indices
+
+  def __add__(self, other: SparseDelta) -> SparseDelta:
+    return add_deltas(self, other)
+
+  def __repr__(self) -> str:
+    leaves = jax.tree.leaves(self.mask, is_leaf=is_leaf_mask)
+    n_sparse = sum(m.kind == SPARSE for m in leaves)
+    n_full = sum(m.kind == FULL for m in leaves)
+    return f"SparseDelta(trainable={self.num_trainable:,}, sparse_leaves={n_sparse}, full_leaves={n_full})"
+
+
+def init_delta(mask: Any, dtype: Any = jnp.float32) -> SparseDelta:
+  """A zero delta over ``mask``: merging it leaves the base model unchanged.
+
+  Args:
+    mask: a mask from :func:`spra.sample_mask`.
+    dtype: dtype of the values. float32 by default, also for bf16 models, so
+      that small updates are not lost to rounding.
+
+  Example:
+
+    >>> import jax.numpy as jnp
+    >>> from spra_jax.masks import LeafMask
+    >>> d = init_delta({'w': LeafMask.sparse((3, 3), jnp.array([0, 4], jnp.int32))})
+    >>> d.values['w']
+    Array([0., 0.], dtype=float32)
+  """
+
+  def zeros(m: LeafMask):
+    if m.kind == FROZEN:
+      return None
+    return jnp.zeros(m.shape if m.kind == FULL else (m.num_trainable,), dtype)
+
+  return SparseDelta(mask, compact.map_leaves(zeros, mask))
+
+
+def _accumulate_dtype(dtype: Any) -> Any:
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def extract(tuned: Any, base: Any, mask: Any) -> SparseDelta:
+  """The delta ``tuned - base`` at the mask's entries.
+
+  Differences are taken in at least float32, so ``merge(base, extract(tuned,
+  base, mask))`` gives back ``tuned`` on the mask for bf16 models too. Entries
+  outside the mask are not looked at: if ``tuned`` differs from ``base`` there,
+  that difference is not in the delta.
+
+  Example:
+
+    >>> import jax.numpy as jnp
+    >>> from spra_jax.masks import LeafMask
+    >>> mask = {'w': LeafMask.sparse((2, 2), jnp.array([3], jnp.int32))}
+    >>> extract({'w': jnp.full((2, 2), 2.)}, {'w': jnp.ones((2, 2))}, mask).values['w']
+    Array([1.], dtype=float32)
+  """
+  validate(mask, base)
+  validate(mask, tuned, check_indices=False)
+
+  def diff(m: LeafMask, t: Any, b: Any):
+    if t is None:
+      return None
+    acc = _accumulate_dtype(t.dtype)
+    return t.astype(acc) - b.astype(acc)
+
+  return SparseDelta(mask, compact.map_leaves(diff, mask, compact.gather(tuned, mask), compact.gather(base, mask)))
+
+
+def _apply(base: Any, delta: SparseDelta, sign: float) -> Any:
+  validate(delta.mask, base, check_indices=False)
+
+  def one(m: LeafMask, x: Any, v: Any):
+    if m.kind == FROZEN:
+      return x
+    acc = _accumulate_dtype(x.dtype)
+    if m.kind == FULL:
+      return (x.astype(acc) + sign * v.astype(acc)).astype(x.dtype)
+    flat = jnp.reshape(x, (-1,))
+    at = flat.at[m.indices]
+    new = (at.get(**compact.INDEX_HINTS).astype(acc) + sign * v.astype(acc)).astype(x.dtype)
+    return at.set(new, **compact.INDEX_HINTS).reshape(m.shape)
+
+  return compact.map_leaves(one, delta.mask, base, delta.values)
+
+
+def merge(base: Any, delta: SparseDelta) -> Any:
+  """The fine-tuned parameters ``base + delta``, in ``base``'s dtypes.
+
+  The sum is computed in at least float32 and rounded once to the parameter
+  dtype. Under ``jax.jit`` with ``base`` donated, XLA updates it in place.
+
+  Example:
+
+    >>> import jax.numpy as jnp
+    >>> from spra_jax.masks import LeafMask
+    >>> d = SparseDelta({'w': LeafMask.sparse((3,), jnp.array([1], jnp.int32))}, {'w': jnp.array([5.])})
+    >>> merge({'w': jnp.ones(3)}, d)['w']
+    Array([1., 6., 1.], dtype=float32)
+  """
+  return _apply(base, delta, 1.0)
+
+
+def unmerge(merged: Any, delta: SparseDelta) -> Any:
+  """Removes a merged delta: ``merged - delta`` (inverse of :func:`merge`).
+
+  Exact when the merge did not round (float32 parameters with float32 deltas
+  whose sums are representable); otherwise within one rounding of the base.
+  Keep the base weights when bit-exactness matters.
+
+  Example:
+
+    >>> import jax.numpy as jnp
+    >>> from spra_jax.masks import LeafMask
+    >>> d = SparseDelta({'w': LeafMask.sparse((3,), jnp.array([1], jnp.int32))}, {'w': jnp.array([5.])})
+    >>> unmerge(merge({'w': jnp.ones(3)}, d), d)['w']
+    Array([1., 1., 1.], dtype=float32)
+  """
+  return _apply(merged, delta, -1.0)
+
+
+def _union_leaf(path: str, masks: list[LeafMask], values: list[Any]) -> tuple[LeafMask, Any]:
+  shapes = {m.shape for m in masks}
+  if len(shapes) > 1:
+    raise ValueError(f"cannot add deltas: leaf {path!r} has shapes {sorted(shapes)} in different deltas.")
+  shape = masks[0].shape
+  live = [(m, v) for m, v in zip(masks, values) if m.kind != FROZEN]
+  if not live:
+    return LeafMask.frozen(shape), None
+  dtype = jnp.result_type(*[v.dtype for _, v in live])
+  if any(m.kind == FULL for m, _ in live):
+    total = jnp.zeros(shape, dtype)
+    for m, v in live:
+      total = total + v.astype(dtype) if m.kind == FULL else compact.scatter_add(total, v.astype(dtype), m)
+    return LeafMask.full(shape), total
+  # Union of sorted index sets, then sum the values that land on each index.
+  all_idx = [np.asarray(m.indices) for m, _ in live]
+  union = np.unique(np.concatenate(all_idx)).astype(np.int32)
+  total = jnp.zeros(union.shape, dtype)
+  for idx, (_, v) in zip(all_idx, live):
+    total = total.at[np.searchsorted(union, idx)].add(v.astype(dtype))
+  return LeafMask.sparse(shape, jnp.asarray(union)), total
+
+
+def add_deltas(*deltas: SparseDelta) -> SparseDelta:
+  """The sum of several deltas, over the union of their indices.
+
+  ``merge(base, add_deltas(a, b))`` equals ``merge(merge(base, a), b)`` up to
+  rounding. A leaf that is full in any delta is full in the sum. Runs eagerly
+  (the union's size depends on the index values).
+
+  Example:
+
+    >>> import jax.numpy as jnp
+    >>> from spra_jax.masks import LeafMask
+    >>> a = SparseDelta({'w': LeafMask.sparse((4,), jnp.array([0, 2], jnp.int32))}, {'w': jnp.array([1., 1.])})
+    >>> b = SparseDelta({'w': LeafMask.sparse((4,), jnp.array([2, 3], jnp.int32))}, {'w': jnp.array([1., 1.])})
+    >>> s = add_deltas(a, b)
+    >>> s.mask['w'].indices.tolist(), s.values['w'].tolist()
+    ([0, 2, 3], [1.0, 2.0, 1.0])
+  """
+  if not deltas:
+    raise ValueError("add_deltas needs at least one delta.")
+  for d in deltas:
+    if not isinstance(d, SparseDelta):
+      raise TypeError(f"add_deltas expects SparseDelta arguments, got {type(d).__name__}.")
+  mask_def = jax.tree.structure(deltas[0].mask, is_leaf=is_leaf_mask)
+  for i, d in enumerate(deltas[1:], start=1):
+    other = jax.tree.structure(d.mask, is_leaf=is_leaf_mask)
+    if other != mask_def:
+      raise ValueError(f"cannot add deltas: delta {i} has tree structure {other}, delta 0 has {mask_def}.")
+  flat_paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(deltas[0].mask, is_leaf=is_leaf_mask)[0]]
+  per_delta_masks = [mask_def.flatten_up_to(d.mask) for d in deltas]
+  per_delta_values = [mask_def.flatten_up_to(d.values) for d in deltas]
+  new_masks, new_values = [], []
+  for j, path in enumerate(flat_paths):
+    m, v = _union_leaf(path, [ms[j] for ms in per_delta_masks], [vs[j] for vs in per_delta_values])
+    new_masks.append(m)
+    new_values.append(v)
+  return SparseDelta(mask_def.unflatten(new_masks), mask_def.unflatten(new_values))

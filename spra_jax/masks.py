@@ -1,0 +1,945 @@
+"""Sparse random masks over parameter pytrees.
+
+A *mask* says, for every leaf of a parameter pytree, which of its scalar entries
+are trainable. It is a pytree with the structure of the parameters whose leaves
+are :class:`LeafMask` nodes, each one of:
+
+* ``frozen``: no entry trains;
+* ``full``: every entry trains (e.g. a classification head);
+* ``sparse``: the entries at ``indices`` train, a sorted, unique, int32 vector of
+  flat (row-major) positions into the leaf.
+
+The kind and the shape of a leaf are static pytree metadata; the indices are an
+ordinary array leaf, so masks go through ``jax.jit``, ``device_put`` and
+checkpoints as data, never as constants baked into a compiled program.
+
+Masks are sampled by a :class:`Distribution`, which has two parts. An
+*allocation rule* turns a global density into a budget per leaf, and a *sampler*
+places each leaf's budget. Every leaf draws from its own key,
+``fold_in(key, stable_hash(path))``, so adding, removing or reordering leaves
+never changes another leaf's mask.
+
+Example:
+
+  >>> import jax, jax.numpy as jnp
+  >>> import spra_jax as spra
+  >>> params = {'dense': {'kernel': jnp.zeros((64, 32)), 'bias': jnp.zeros(32)},
+  ...           'head': {'kernel': jnp.zeros((32, 2))}}
+  >>> mask = spra.sample_mask(jax.random.key(0), params, spra.masks.uniform(0.1),
+  ...                         include='dense', full='head')
+  >>> spra.num_trainable(mask)   # 10 % of 2,080 dense entries + 64 head entries
+  272
+"""
+
+from __future__ import annotations
+
+import abc
+import functools
+import hashlib
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "FROZEN",
+    "FULL",
+    "SPARSE",
+    "LeafMask",
+    "Distribution",
+    "Uniform",
+    "Bernoulli",
+    "uniform",
+    "bernoulli",
+    "register",
+    "get",
+    "available",
+    "sample_mask",
+    "num_trainable",
+    "summary",
+    "summary_rows",
+    "validate",
+    "from_dense",
+    "to_dense",
+    "path_str",
+    "leaf_key",
+    "is_leaf_mask",
+]
+
+FROZEN = "frozen"
+FULL = "full"
+SPARSE = "sparse"
+_KINDS = (FROZEN, FULL, SPARSE)
+
+# Flat positions are int32: a leaf may hold at most this many entries.
+_MAX_LEAF_SIZE = np.iinfo(np.int32).max
+
+Pattern = str | Sequence[str] | re.Pattern | None
+
+
+# --------------------------------------------------------------------------
+# The per-leaf mask node.
+# --------------------------------------------------------------------------
+
+
+@jax.tree_util.register_pytree_node_class
+class LeafMask:
+  """Which entries of one parameter leaf are trainable.
+
+  Build one with :meth:`frozen`, :meth:`full` or :meth:`sparse`. ``kind`` and
+  ``shape`` are static metadata; ``indices`` (sparse leaves only) is the single
+  array child, so a pytree of ``LeafMask`` flattens to its index vectors.
+
+  Example:
+
+    >>> import jax.numpy as jnp
+    >>> m = LeafMask.sparse((4, 4), jnp.array([1, 5, 14], jnp.int32))
+    >>> m.num_trainable, m.size
+    (3, 16)
+  """
+
+  __slots__ = ("kind", "shape", "indices")
+
+  def __init__(self, kind: str, shape: Sequence[int], indices: Any = None):
+    if kind not in _KINDS:
+      raise ValueError(f"LeafMask kind must be one of {_KINDS}, got {kind!r}.")
+    self.kind = kind
+    self.shape = tuple(int(d) for d in shape)
+    self.indices = indices
+
+  @classmethod
+  def frozen(cls, shape: Sequence[int]) -> LeafMask:
+    """A leaf none of whose entries train."""
+    return cls(FROZEN, shape)
+
+  @classmethod
+  def full(cls, shape: Sequence[int]) -> LeafMask:
+    """A leaf all of whose entries train."""
+    return cls(FULL, shape)
+
+  @classmethod
+  def sparse(cls, shape: Sequence[int], indices: Any) -> LeafMask:
+    """A leaf whose entries at the flat ``indices`` train."""
+    return cls(SPARSE, shape, indices)
+
+  @property
+  def size(self) -> int:
+    """Number of entries of the leaf."""
+    return math.prod(self.shape)
+
+  @property
+  def num_trainable(self) -> int:
+    """Number of trainable entries (static: it is the indices' length)."""
+    if self.kind == FULL:
+      return self.size
+    if self.kind == SPARSE:
+      return int(np.shape(self.indices)[0])
+    return 0
+
+  @property
+  def density(self) -> float:
+    """Fraction of the leaf's entries that train."""
+    return self.num_trainable / self.size if self.size else 0.0
+
+  def tree_flatten(self):
+    children = (self.indices,) if self.kind == SPARSE else ()
+    return children, (self.kind, self.shape)
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    kind, shape = aux
+    obj = object.__new__(cls)
+    obj.kind, obj.shape = kind, shape
+    obj.indices = children[0] if kind == SPARSE else None
+    return obj
+
+  def __repr__(self) -> str:
+    if self.kind == SPARSE:
+      return f"LeafMask.sparse(shape={self.shape}, k={self.num_trainable})"
+    return f"LeafMask.{self.kind}(shape={self.shape})"
+
+
+def is_leaf_mask(x: Any) -> bool:
+  """True for a :class:`LeafMask` (use as ``is_leaf`` in tree functions)."""
+  return isinstance(x, LeafMask)
+
+
+# --------------------------------------------------------------------------
+# Paths and keys.
+# --------------------------------------------------------------------------
+
+
+def _key_name(k: Any) -> str:
+  if isinstance(k, jax.tree_util.DictKey):
+    return str(k.key)
+  if isinstance(k, jax.tree_util.SequenceKey):
+    return str(k.idx)
+  if isinstance(k, jax.tree_util.GetAttrKey):
+    return k.name
+  if isinstance(k, jax.tree_util.FlattenedIndexKey):
+    return str(k.key)
+  return str(k)
+
+
+def path_str(path: Sequence[Any]) -> str:
+  """Joins a JAX key path with ``/``, e.g. ``layers/3/attn/v_proj/kernel``.
+
+  The trailing ``value`` attribute of Flax NNX variables is dropped, so the
+  state of an NNX module and its plain-dict form give the same paths.
+
+  Example:
+
+    >>> import jax
+    >>> [(p, _)] = jax.tree_util.tree_flatten_with_path({'a': [0, 1]})[0][1:]
+    >>> path_str(p)
+    'a/1'
+  """
+  names = [_key_name(k) for k in path]
+  if names and isinstance(path[-1], jax.tree_util.GetAttrKey) and names[-1] == "value":
+    names = names[:-1]
+  return "/".join(names)
+
+
+def _stable_hash(path: str) -> np.uint32:
+  # Python's hash() is salted per process; blake2b is the same everywhere.
+  digest = hashlib.blake2b(path.encode("utf-8"), digest_size=4).digest()
+  return np.uint32(int.from_bytes(digest, "little"))
+
+
+def _as_key(key: Any) -> jax.Array:
+  if isinstance(key, (int, np.integer)):
+    return jax.random.key(int(key))
+  if isinstance(key, jax.Array) and not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    # A legacy uint32[2] key.
+    if key.shape != (2,) or key.dtype != jnp.uint32:
+      raise TypeError(
+          "key must be a typed PRNG key (jax.random.key), a legacy uint32[2] key "
+          f"(jax.random.PRNGKey) or an int seed; got an array of {key.dtype}{list(key.shape)}."
+      )
+    return jax.random.wrap_key_data(key)
+  if isinstance(key, jax.Array):
+    if key.shape != ():
+      raise TypeError(f"key must be a single PRNG key, got a batch of shape {key.shape}.")
+    return key
+  raise TypeError(
+      "key must be a PRNG key (jax.random.key(seed)) or an int seed; "
+      f"got {type(key).__name__}."
+  )
+
+
+def leaf_key(key: Any, path: str) -> jax.Array:
+  """The key a leaf's mask is drawn from: ``fold_in(key, stable_hash(path))``.
+
+  Example:
+
+    >>> import jax
+    >>> k = leaf_key(jax.random.key(0), 'layers/0/kernel')
+    >>> k.shape
+    ()
+  """
+  return jax.random.fold_in(_as_key(key), _stable_hash(path))
+
+
+def _shape_dtype(leaf: Any) -> tuple[tuple[int, ...], np.dtype]:
+  shape, dtype = getattr(leaf, "shape", None), getattr(leaf, "dtype", None)
+  if shape is None or dtype is None:
+    arr = np.asarray(leaf)
+    shape, dtype = arr.shape, arr.dtype
+  return tuple(int(d) for d in shape), np.dtype(dtype)
+
+
+def _is_trainable_dtype(dtype: np.dtype) -> bool:
+  return bool(jnp.issubdtype(dtype, jnp.floating))
+
+
+# --------------------------------------------------------------------------
+# Exact-k sampling without replacement, in memory proportional to k.
+# --------------------------------------------------------------------------
+
+
+def _expected_duplicates(n: int, t: int) -> float:
+  """Expected number of repeats among t uniform draws from n values."""
+  distinct = n * -math.expm1(t * math.log1p(-1.0 / n)) if n > 1 else 1.0
+  return max(t - distinct, 0.0)
+
+
+def _oversample_margin(n: int, k: int) -> int:
+  m = 0
+  for _ in range(3):  # A fixed point: more draws bring a few more repeats.
+    e = _expected_duplicates(n, k + m)
+    m = int(math.ceil(e + 6.0 * math.sqrt(e) + 8))
+  return m
+
+
+def _choose_sorted(key: jax.Array, n: int, k: int) -> jax.Array:
+  """A uniformly random k-subset of range(n), sorted, as int32 (k static)."""
+  if k == 0:
+    return jnp.zeros((0,), jnp.int32)
+  if k == n:
+    return jnp.arange(n, dtype=jnp.int32)
+  return _choose_padded(key, n, k, k)
+
+
+def _capacity_bucket(k: int, n: int) -> int:
+  """Rounds k up on a 5 % geometric grid, so random counts share compilations."""
+  if k <= 64:
+    return min(64, n)
+  return min(n, int(math.ceil(1.05 ** math.ceil(math.log(k, 1.05)))))
+
+
+def _choose_dynamic(key: jax.Array, n: int, k: int) -> jax.Array:
+  """Like :func:`_choose_sorted` for a concrete k that varies between calls."""
+  if k == 0:
+    return jnp.zeros((0,), jnp.int32)
+  if k == n:
+    return jnp.arange(n, dtype=jnp.int32)
+  padded = _choose_padded(key, n, _capacity_bucket(k, n), jnp.int32(k))
+  # Slice on the host: an eager device slice would compile once per distinct k.
+  return jnp.asarray(np.asarray(padded)[:k])
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _choose_padded(key: jax.Array, n: int, capacity: int, k: jax.Array) -> jax.Array:
+  """A uniformly random k-subset of range(n) for 1 ≤ k ≤ capacity < n.
+
+  Returns int32[capacity] whose first k entries are the subset, sorted (the
+  rest is padding). k may be traced; the shapes depend on ``capacity`` only.
+
+  Sparse regime (capacity ≤ n/4): draw t = capacity + m values with
+  replacement, sort them, and keep the k distinct values with the smallest
+  random priorities (repeats never qualify). Priorities are independent of the
+  values, so the k kept are a uniform k-subset of the distinct values, and the
+  whole procedure treats every value of range(n) alike: the result is a uniform
+  k-subset of range(n). m is chosen so that enough distinct values come up
+  except with odds of a 6-sigma event; if they do not, the draw is repeated, so
+  the count is always exactly k. The cost is two plain sorts of t values (XLA's
+  sorts that carry a payload are several times slower): memory and time are
+  O(k log k), independent of n.
+
+  Dense regime (capacity > n/4): a random permutation's first k entries, O(n),
+  which is O(k) there.
+  """
+  if 4 * capacity > n:
+    perm = jax.random.permutation(key, n).astype(jnp.int32)
+    return jnp.sort(jnp.where(jnp.arange(n) < k, perm, n))[:capacity]
+
+  t = capacity + _oversample_margin(n, capacity)
+  never = jnp.uint32(0xFFFFFFFF)
+
+  def attempt(i):
+    draw_key, priority_key = jax.random.split(jax.random.fold_in(key, i))
+    values = jnp.sort(jax.random.randint(draw_key, (t,), 0, n, dtype=jnp.int32))
+    repeat = jnp.concatenate([jnp.zeros((1,), bool), values[1:] == values[:-1]])
+    enough = (t - jnp.sum(repeat)) >= k
+    priority = jnp.where(repeat, never, jax.random.bits(priority_key, (t,), jnp.uint32) >> 1)
+    threshold = jnp.sort(priority)[k - 1]
+    # Exactly k: every priority below the threshold, then ties at it in order
+    # (a tie has odds of about t / 2**31 per leaf).
+    below = priority < threshold
+    at = priority == threshold
+    keep = below | (at & (jnp.cumsum(at) <= k - jnp.sum(below)))
+    slot = jnp.where(keep, jnp.cumsum(keep) - 1, capacity)
+    return jnp.full((capacity,), n, jnp.int32).at[slot].set(values, mode="drop"), enough
+
+  def body(carry):
+    i, _, _ = carry
+    out, ok = attempt(i + 1)
+    return i + 1, out, ok
+
+  first_try, ok = attempt(0)
+  _, out, _ = jax.lax.while_loop(lambda c: ~c[2], body, (jnp.int32(0), first_try, ok))
+  return out
+
+
+def _concrete_count(value: Any, what: str) -> int:
+  try:
+    with jax.ensure_compile_time_eval():
+      return int(value)
+  except jax.errors.ConcretizationTypeError as e:
+    raise ValueError(
+        f"{what} draws a random number of entries per leaf, which needs a concrete "
+        "key: call spra.sample_mask outside jax.jit and pass the mask in."
+    ) from e
+
+
+# --------------------------------------------------------------------------
+# Distributions: an allocation rule plus a sampler.
+# --------------------------------------------------------------------------
+
+Allocation = str | Mapping[str, float] | Callable[[Sequence[str], Sequence[int], int], Sequence[int]]
+
+
+def _round_half_up(x: float) -> int:
+  return int(math.floor(x + 0.5))
+
+
+def _allocate(rule: Allocation, paths: Sequence[str], sizes: Sequence[int], density: float) -> list[int]:
+  """Budgets per eligible leaf for a global ``density``."""
+  if isinstance(rule, str) and rule == "proportional":
+    # Each leaf's budget depends on its own size only, so adding or removing
+    # other leaves never changes it (the total is within ±len/2 of density·N).
+    return [_round_half_up(density * n) for n in sizes]
+  if isinstance(rule, str) and rule == "equal":
+    total = _round_half_up(density * sum(sizes))
+    return _water_fill(sizes, total)
+  if isinstance(rule, Mapping):
+    compiled = [(re.compile(p), float(d)) for p, d in rule.items()]
+    for p, d in compiled:
+      _check_density(d, f"allocation[{p.pattern!r}]")
+    out = []
+    for path, n in zip(paths, sizes):
+      d = next((d for p, d in compiled if p.search(path)), density)
+      out.append(_round_half_up(d * n))
+    return out
+  if callable(rule):
+    total = _round_half_up(density * sum(sizes))
+    budgets = [int(b) for b in rule(list(paths), list(sizes), total)]
+    if len(budgets) != len(sizes):
+      raise ValueError(
+          f"allocation rule returned {len(budgets)} budgets for {len(sizes)} eligible leaves."
+      )
+    for path, n, b in zip(paths, sizes, budgets):
+      if not 0 <= b <= n:
+        raise ValueError(f"allocation rule gave leaf {path!r} a budget of {b}; expected 0 ≤ budget ≤ {n}.")
+    return budgets
+  raise ValueError(
+      "allocation must be 'proportional', 'equal', a mapping {path regex: density} "
+      f"or a callable (paths, sizes, total) -> budgets; got {rule!r}."
+  )
+
+
+def _water_fill(sizes: Sequence[int], total: int) -> list[int]:
+  """Splits ``total`` as equally as possible, never above a leaf's size."""
+  budgets = [0] * len(sizes)
+  open_leaves = sorted(range(len(sizes)), key=lambda i: sizes[i])
+  remaining = total
+  while open_leaves:
+    share = remaining // len(open_leaves)
+    i = open_leaves[0]
+    if sizes[i] <= share:  # The smallest leaf saturates; share its excess.
+      budgets[i] = sizes[i]
+      remaining -= sizes[i]
+      open_leaves.pop(0)
+      continue
+    extra = remaining - share * len(open_leaves)
+    for rank, j in enumerate(open_leaves):
+      budgets[j] = share + (1 if rank >= len(open_leaves) - extra else 0)
+    break
+  return budgets
+
+
+def _check_density(density: Any, name: str = "density") -> float:
+  if isinstance(density, bool) or not isinstance(density, (int, float, np.floating, np.integer)):
+    raise TypeError(f"{name} must be a number in (0, 1], got {density!r}.")
+  d = float(density)
+  if not 0.0 < d <= 1.0 or math.isnan(d):
+    raise ValueError(f"{name} must be in (0, 1], got {density!r}.")
+  return d
+
+
+class Distribution(abc.ABC):
+  """How trainable entries are chosen: a budget rule and a placement rule.
+
+  Args:
+    density: the fraction of entries to train, in (0, 1].
+    allocation: how the global budget is split across leaves:
+      ``'proportional'`` (the default: every eligible leaf at ``density``),
+      ``'equal'`` (the same count per leaf, capped at the leaf size), a mapping
+      ``{path regex: density}`` (per-leaf densities; unmatched leaves use
+      ``density``) or a callable ``(paths, sizes, total) -> budgets``.
+    relative_to: ``'eligible'`` (the default) counts ``density`` against the
+      entries of the eligible leaves. ``'model'`` counts it against every
+      floating entry of the model, as the SpaRTA paper does ("99 % sparsity" =
+      1 % of all parameters). Fully trainable leaves are then charged against the
+      budget, and the rest is placed in the eligible leaves.
+
+  A new distribution is one subclass with a ``name`` and a :meth:`sample`
+  method, registered with :func:`register`:
+
+    >>> import jax, jax.numpy as jnp
+    >>> @register
+    ... class FirstEntries(Distribution):
+    ...   name = 'first-entries'
+    ...   def sample(self, key, path, shape, budget):
+    ...     return jnp.arange(budget, dtype=jnp.int32)
+    >>> mask = sample_mask(jax.random.key(0), {'w': jnp.zeros((10, 10))},
+    ...                    get('first-entries', 0.05))
+    >>> mask['w'].indices.tolist()
+    [0, 1, 2, 3, 4]
+  """
+
+  name: ClassVar[str] = ""
+  #: True when :meth:`sample` returns exactly ``budget`` indices.
+  exact: ClassVar[bool] = True
+
+  def __init__(self, density: float, *, allocation: Allocation = "proportional", relative_to: str = "eligible"):
+    self.density = _check_density(density)
+    if relative_to not in ("eligible", "model"):
+      raise ValueError(f"relative_to must be 'eligible' or 'model', got {relative_to!r}.")
+    if relative_to == "model" and not (isinstance(allocation, str) or callable(allocation)):
+      raise ValueError("relative_to='model' needs a global budget; a per-leaf density map cannot be used with it.")
+    self.allocation = allocation
+    self.relative_to = relative_to
+
+  @abc.abstractmethod
+  def sample(self, key: jax.Array, path: str, shape: tuple[int, ...], budget: int) -> jax.Array:
+    """Returns sorted, unique int32 flat indices into a leaf of ``shape``.
+
+    Args:
+      key: this leaf's key (already folded with the path).
+      path: the leaf's '/'-joined path.
+      shape: the leaf's shape.
+      budget: how many entries to choose (the expected number if not ``exact``).
+    """
+
+  def budgets(self, paths: Sequence[str], sizes: Sequence[int], *, model_entries: int, full_entries: int) -> list[int]:
+    """Per-leaf budgets for the eligible leaves ``paths`` of ``sizes``."""
+    eligible = sum(sizes)
+    density = self.density
+    if self.relative_to == "model":
+      total = _round_half_up(self.density * model_entries) - full_entries
+      if total < 0:
+        raise ValueError(
+            f"density {self.density} of the model's {model_entries:,} entries gives a budget of "
+            f"{_round_half_up(self.density * model_entries):,}, smaller than the {full_entries:,} "
+            "entries of the fully trainable leaves it must include."
+        )
+      if total > eligible:
+        raise ValueError(
+            f"density {self.density} of the model's {model_entries:,} entries leaves a budget of "
+            f"{total:,} for the eligible leaves, which hold only {eligible:,} entries "
+            f"(at most density {(eligible + full_entries) / model_entries:.6g} relative to the model)."
+        )
+      density = total / eligible if eligible else 0.0
+    return _allocate(self.allocation, paths, sizes, density)
+
+  def spec(self) -> dict[str, Any]:
+    """A JSON-able description, kept as provenance next to saved masks."""
+    alloc = self.allocation
+    if isinstance(alloc, Mapping):
+      alloc = dict(alloc)
+    elif callable(alloc):
+      alloc = getattr(alloc, "__name__", repr(alloc))
+    return {"name": self.name, "density": self.density, "allocation": alloc, "relative_to": self.relative_to}
+
+  def __repr__(self) -> str:
+    extra = "" if self.allocation == "proportional" else f", allocation={self.allocation!r}"
+    extra += "" if self.relative_to == "eligible" else f", relative_to={self.relative_to!r}"
+    return f"{type(self).__name__}({self.density}{extra})"
+
+
+_REGISTRY: dict[str, type[Distribution]] = {}
+
+
+def register(cls: type[Distribution]) -> type[Distribution]:
+  """Class decorator that makes a :class:`Distribution` selectable by name."""
+  if not (isinstance(cls, type) and issubclass(cls, Distribution)) or not cls.name:
+    raise TypeError("register expects a Distribution subclass with a non-empty `name`.")
+  _REGISTRY[cls.name] = cls
+  return cls
+
+
+def available() -> list[str]:
+  """Names of the registered distributions.
+
+  Example:
+
+    >>> 'uniform' in available() and 'bernoulli' in available()
+    True
+  """
+  return sorted(_REGISTRY)
+
+
+def get(name: str, density: float, **kwargs: Any) -> Distribution:
+  """Builds a registered distribution by name.
+
+  Example:
+
+    >>> get('bernoulli', 0.01)
+    Bernoulli(0.01)
+  """
+  try:
+    cls = _REGISTRY[name]
+  except KeyError:
+    raise ValueError(f"unknown mask distribution {name!r}; available: {', '.join(available())}.") from None
+  return cls(density, **kwargs)
+
+
+@register
+class Uniform(Distribution):
+  """Exactly ``budget`` entries per leaf, uniformly without replacement."""
+
+  name = "uniform"
+
+  def sample(self, key, path, shape, budget):
+    return _choose_sorted(key, math.prod(shape), int(budget))
+
+
+@register
+class Bernoulli(Distribution):
+  """Each entry independently with probability ``budget / size``.
+
+  This is the reference SpaRTA code's rule. The count per leaf is random, so
+  masks must be sampled outside ``jax.jit`` (the count decides the shapes).
+  """
+
+  name = "bernoulli"
+  exact = False
+
+  def sample(self, key, path, shape, budget):
+    n = math.prod(shape)
+    count_key, place_key = jax.random.split(key)
+    p = float(budget) / n if n else 0.0
+    if p >= 1.0:
+      count = n
+    else:
+      # Given its count, a Bernoulli subset is a uniform subset of that size.
+      count = _concrete_count(jax.random.binomial(count_key, float(n), p), "bernoulli")
+    return _choose_dynamic(place_key, n, count)
+
+
+def uniform(density: float, **kwargs: Any) -> Uniform:
+  """Exactly k = round(density · size) entries per leaf, without replacement.
+
+  See :class:`Distribution` for ``allocation`` and ``relative_to``.
+
+  Example:
+
+    >>> import jax, jax.numpy as jnp
+    >>> m = sample_mask(jax.random.key(0), {'w': jnp.zeros((100, 100))}, uniform(0.01))
+    >>> m['w'].num_trainable
+    100
+  """
+  return Uniform(density, **kwargs)
+
+
+def bernoulli(density: float, **kwargs: Any) -> Bernoulli:
+  """Each entry independently with probability ``density`` (the paper's code).
+
+  Example:
+
+    >>> import jax, jax.numpy as jnp
+    >>> m = sample_mask(jax.random.key(0), {'w': jnp.zeros((100, 100))}, bernoulli(0.01))
+    >>> 60 < m['w'].num_trainable < 140
+    True
+  """
+  return Bernoulli(density, **kwargs)
+
+
+def resolve_distribution(distribution: Distribution | str | None, density: float | None) -> Distribution:
+  """Turns the ``distribution``/``density`` arguments of the public API into an object."""
+  if isinstance(distribution, Distribution):
+    if density is not None and float(density) != distribution.density:
+      raise ValueError(
+          f"density={density} conflicts with the distribution's own density {distribution.density}; "
+          "give one of them."
+      )
+    return distribution
+  if density is None:
+    raise ValueError("a density is needed: pass density=... or a Distribution such as spra.masks.uniform(0.01).")
+  if distribution is None:
+    return Uniform(density)
+  if isinstance(distribution, str):
+    return get(distribution, density)
+  raise TypeError(f"distribution must be a Distribution or a registered name, got {type(distribution).__name__}.")
+
+
+# --------------------------------------------------------------------------
+# Sampling a mask over a pytree.
+# --------------------------------------------------------------------------
+
+
+def _compile(pattern: Pattern, name: str) -> re.Pattern | None:
+  if pattern is None:
+    return None
+  if isinstance(pattern, re.Pattern):
+    return pattern
+  if isinstance(pattern, str):
+    return re.compile(pattern)
+  if isinstance(pattern, Sequence) and all(isinstance(p, str) for p in pattern):
+    return re.compile("|".join(f"(?:{p})" for p in pattern))
+  raise TypeError(f"{name} must be a regex string, a list of them or None; got {pattern!r}.")
+
+
+def _example_paths(paths: Sequence[str], limit: int = 6) -> str:
+  shown = ", ".join(repr(p) for p in paths[:limit])
+  return shown + (f", … ({len(paths)} leaves)" if len(paths) > limit else "")
+
+
+def sample_mask(
+    key: Any,
+    params: Any,
+    distribution: Distribution | str | None = None,
+    *,
+    density: float | None = None,
+    include: Pattern = None,
+    exclude: Pattern = None,
+    full: Pattern = None,
+) -> Any:
+  """Samples a sparse random mask over a parameter pytree.
+
+  Args:
+    key: a PRNG key (``jax.random.key``) or an int seed.
+    params: a pytree of arrays or ``jax.ShapeDtypeStruct`` (no weights needed).
+    distribution: a :class:`Distribution`, or a registered name together with
+      ``density``; defaults to :func:`uniform`.
+    density: the density, when ``distribution`` is a name or omitted.
+    include: regex(es) searched in each leaf's '/'-joined path; only matching
+      leaves are eligible for sparse training (default: every leaf).
+    exclude: regex(es); matching leaves are never sparsified.
+    full: regex(es); matching leaves train every entry (e.g. a classifier head).
+      ``full`` wins over ``include``/``exclude``.
+
+  Only floating-point leaves can train. Each eligible leaf draws from
+  :func:`leaf_key` ``(key, path)``.
+
+  Returns:
+    A pytree with the structure of ``params`` whose leaves are
+    :class:`LeafMask` nodes.
+
+  Raises:
+    ValueError: for a density outside (0, 1], a pattern that matches no leaf, an
+      empty selection or a budget larger than the eligible entries.
+
+  Example:
+
+    >>> import jax, jax.numpy as jnp
+    >>> params = {'attn': {'v_proj': {'kernel': jax.ShapeDtypeStruct((512, 512), jnp.float32)},
+    ...                    'q_proj': {'kernel': jax.ShapeDtypeStruct((512, 512), jnp.float32)}},
+    ...           'score': {'kernel': jax.ShapeDtypeStruct((512, 2), jnp.float32)}}
+    >>> mask = sample_mask(jax.random.key(0), params, density=0.01,
+    ...                    include=r'v_proj', full=r'score')
+    >>> [m.num_trainable for m in jax.tree.leaves(mask, is_leaf=is_leaf_mask)]
+    [0, 2621, 1024]
+  """
+  dist = resolve_distribution(distribution, density)
+  key = _as_key(key)
+  include_re = _compile(include, "include")
+  exclude_re = _compile(exclude, "exclude")
+  full_re = _compile(full, "full")
+
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  if not flat:
+    raise ValueError("params has no leaves; nothing to mask.")
+  paths = [path_str(p) for p, _ in flat]
+  shapes_dtypes = [_shape_dtype(leaf) for _, leaf in flat]
+
+  for pattern, name in ((include_re, "include"), (exclude_re, "exclude"), (full_re, "full")):
+    if pattern is not None and not any(pattern.search(p) for p in paths):
+      raise ValueError(f"{name}={pattern.pattern!r} matches no leaf; leaf paths look like {_example_paths(paths)}.")
+
+  roles = []
+  for path, (shape, dtype) in zip(paths, shapes_dtypes):
+    if not _is_trainable_dtype(dtype):
+      roles.append(FROZEN)
+    elif full_re is not None and full_re.search(path):
+      roles.append(FULL)
+    elif (include_re is None or include_re.search(path)) and not (exclude_re is not None and exclude_re.search(path)):
+      roles.append(SPARSE)
+    else:
+      roles.append(FROZEN)
+
+  eligible = [i for i, r in enumerate(roles) if r == SPARSE]
+  if not eligible and FULL not in roles:
+    raise ValueError(
+        f"no floating-point leaf is left to train after include={include!r}, exclude={exclude!r}, "
+        f"full={full!r}; leaf paths look like {_example_paths(paths)}."
+    )
+
+  sizes = [math.prod(shapes_dtypes[i][0]) for i in eligible]
+  for i, n in zip(eligible, sizes):
+    if n > _MAX_LEAF_SIZE:
+      raise ValueError(f"leaf {paths[i]!r} has {n:,} entries; int32 flat indices address at most {_MAX_LEAF_SIZE:,}.")
+  model_entries = sum(math.prod(s) for s, d in shapes_dtypes if _is_trainable_dtype(d))
+  full_entries = sum(math.prod(shapes_dtypes[i][0]) for i, r in enumerate(roles) if r == FULL)
+  budgets = dist.budgets([paths[i] for i in eligible], sizes, model_entries=model_entries, full_entries=full_entries)
+  if eligible and sum(budgets) == 0 and FULL not in roles:
+    raise ValueError(
+        f"{dist!r} selects no entry of the {sum(sizes):,} eligible entries; raise the density."
+    )
+
+  leaves: list[LeafMask] = []
+  budget_of = dict(zip(eligible, budgets))
+  for i, (path, role) in enumerate(zip(paths, roles)):
+    shape = shapes_dtypes[i][0]
+    if role == SPARSE:
+      indices = dist.sample(leaf_key(key, path), path, shape, budget_of[i])
+      leaves.append(LeafMask.sparse(shape, indices))
+    else:
+      leaves.append(LeafMask(role, shape))
+  return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+# --------------------------------------------------------------------------
+# Inspection and validation.
+# --------------------------------------------------------------------------
+
+
+def _leaf_masks_with_paths(mask: Any) -> list[tuple[str, LeafMask]]:
+  flat, _ = jax.tree_util.tree_flatten_with_path(mask, is_leaf=is_leaf_mask)
+  out = []
+  for p, m in flat:
+    if not isinstance(m, LeafMask):
+      raise TypeError(f"mask leaf at {path_str(p)!r} is a {type(m).__name__}, expected a LeafMask.")
+    out.append((path_str(p), m))
+  return out
+
+
+def num_trainable(mask: Any) -> int:
+  """Total number of trainable entries of a mask.
+
+  Example:
+
+    >>> num_trainable({'a': LeafMask.full((3, 4)), 'b': LeafMask.frozen((5,))})
+    12
+  """
+  return sum(m.num_trainable for _, m in _leaf_masks_with_paths(mask))
+
+
+def summary_rows(mask: Any) -> list[dict[str, Any]]:
+  """Per-leaf rows: path, shape, kind, trainable count and density.
+
+  Example:
+
+    >>> summary_rows({'w': LeafMask.full((2, 2))})[0]['trainable']
+    4
+  """
+  return [
+      {"path": p, "shape": m.shape, "kind": m.kind, "size": m.size, "trainable": m.num_trainable, "density": m.density}
+      for p, m in _leaf_masks_with_paths(mask)
+  ]
+
+
+def summary(mask: Any, *, show_frozen: bool = True) -> str:
+  """A readable per-leaf table of a mask, with totals.
+
+  Example:
+
+    >>> print(summary({'head': LeafMask.full((4, 2)), 'emb': LeafMask.frozen((10, 4))}))
+    path  shape    kind    trainable  density
+    ----  -------  ------  ---------  --------
+    emb   (10, 4)  frozen          0  0.000%
+    head  (4, 2)   full            8  100.000%
+    total 48 entries, 8 trainable (16.667%)
+  """
+  rows = summary_rows(mask)
+  total = sum(r["size"] for r in rows)
+  trained = sum(r["trainable"] for r in rows)
+  shown = [r for r in rows if show_frozen or r["kind"] != FROZEN]
+  table = [("path", "shape", "kind", "trainable", "density")]
+  table += [(r["path"], str(r["shape"]), r["kind"], f"{r['trainable']:,}", f"{100 * r['density']:.3f}%") for r in shown]
+  widths = [max(len(row[c]) for row in table) for c in range(5)]
+  lines = []
+  for j, row in enumerate(table):
+    cells = [row[c].rjust(widths[c]) if c == 3 else row[c].ljust(widths[c]) for c in range(5)]
+    lines.append("  ".join(cells).rstrip())
+    if j == 0:
+      lines.append("  ".join("-" * w for w in widths))
+  pct = 100 * trained / total if total else 0.0
+  lines.append(f"total {total:,} entries, {trained:,} trainable ({pct:.3f}%)")
+  return "\n".join(lines)
+
+
+def validate(mask: Any, params: Any, *, check_indices: bool = True) -> None:
+  """Checks that ``mask`` fits ``params``; raises ``ValueError`` naming the leaf.
+
+  Checks the tree structure, each leaf's shape, and (for concrete sparse
+  indices, when ``check_indices``) that indices are int32, 1-D, sorted, unique
+  and in range.
+
+  Example:
+
+    >>> import jax.numpy as jnp
+    >>> validate({'w': LeafMask.full((2, 3))}, {'w': jnp.zeros((3, 2))})
+    Traceback (most recent call last):
+    ...
+    ValueError: mask leaf 'w' has shape (2, 3) but the parameter has shape (3, 2).
+  """
+  mask_flat = _leaf_masks_with_paths(mask)
+  params_flat, params_def = jax.tree_util.tree_flatten_with_path(params)
+  mask_def = jax.tree.structure(mask, is_leaf=is_leaf_mask)
+  if mask_def != params_def:
+    mask_paths = {p for p, _ in mask_flat}
+    param_paths = {path_str(p) for p, _ in params_flat}
+    missing = sorted(param_paths - mask_paths)
+    extra = sorted(mask_paths - param_paths)
+    detail = []
+    if missing:
+      detail.append(f"parameters without a mask leaf: {_example_paths(missing)}")
+    if extra:
+      detail.append(f"mask leaves without a parameter: {_example_paths(extra)}")
+    if not detail:
+      detail.append(f"the containers differ: mask {mask_def} vs params {params_def}")
+    raise ValueError("mask does not match the parameter tree; " + "; ".join(detail) + ".")
+  for (path, m), (_, leaf) in zip(mask_flat, params_flat):
+    shape, dtype = _shape_dtype(leaf)
+    if m.shape != shape:
+      raise ValueError(f"mask leaf {path!r} has shape {m.shape} but the parameter has shape {shape}.")
+    if m.kind != FROZEN and not _is_trainable_dtype(dtype):
+      raise ValueError(f"mask leaf {path!r} is {m.kind} but the parameter has non-floating dtype {dtype}.")
+    if m.kind == SPARSE:
+      _validate_indices(path, m, check_values=check_indices)
+
+
+def _validate_indices(path: str, m: LeafMask, *, check_values: bool) -> None:
+  idx = m.indices
+  ishape, idtype = _shape_dtype(idx)
+  if len(ishape) != 1 or idtype != np.int32:
+    raise ValueError(f"mask leaf {path!r}: indices must be a 1-D int32 vector, got {idtype}{list(ishape)}.")
+  if not check_values or isinstance(idx, (jax.core.Tracer, jax.ShapeDtypeStruct)) or ishape[0] == 0:
+    return
+  values = np.asarray(idx)
+  if values[0] < 0 or values[-1] >= m.size:
+    raise ValueError(f"mask leaf {path!r}: indices must lie in [0, {m.size}), got [{values.min()}, {values.max()}].")
+  if np.any(np.diff(values) <= 0):
+    raise ValueError(f"mask leaf {path!r}: indices must be sorted and unique.")
+
+
+def from_dense(bool_tree: Any) -> Any:
+  """Builds a mask from a pytree of boolean arrays (True = trainable).
+
+  All-False leaves become frozen and all-True leaves full. This is the way in
+  for masks chosen by any other rule (magnitudes, saliency scores, ...).
+
+  Example:
+
+    >>> import numpy as np
+    >>> m = from_dense({'w': np.array([[True, False], [False, True]])})
+    >>> m['w'], m['w'].indices.tolist()
+    (LeafMask.sparse(shape=(2, 2), k=2), [0, 3])
+  """
+
+  def one(leaf):
+    arr = np.asarray(leaf)
+    if arr.dtype != np.bool_:
+      raise TypeError(f"from_dense expects boolean arrays, got {arr.dtype}.")
+    if not arr.any():
+      return LeafMask.frozen(arr.shape)
+    if arr.all():
+      return LeafMask.full(arr.shape)
+    return LeafMask.sparse(arr.shape, jnp.asarray(np.flatnonzero(arr.reshape(-1)), jnp.int32))
+
+  return jax.tree.map(one, bool_tree)
+
+
+def to_dense(mask: Any) -> Any:
+  """The boolean array form of a mask (True = trainable), one array per leaf.
+
+  Example:
+
+    >>> to_dense({'w': LeafMask.sparse((2, 2), jnp.array([1], jnp.int32))})['w'].tolist()
+    [[False, True], [False, False]]
+  """
+
+  def one(m: LeafMask):
+    if m.kind == FULL:
+      return jnp.ones(m.shape, bool)
+    if m.kind == FROZEN:
+      return jnp.zeros(m.shape, bool)
+    return jnp.zeros((m.size,), bool).at[m.indices].set(True).reshape(m.shape)
+
+  return jax.tree.map(one, mask, is_leaf=is_leaf_mask)

@@ -1,0 +1,182 @@
+"""``spra.masked``: an Optax transformation that trains a sparse subset of entries.
+
+The wrapper gathers the gradients (and parameters) at the mask's entries into
+compact vectors, runs the inner Optax transformation on those, and scatters its
+updates back, exactly zero everywhere else:
+
+.. math::
+
+  g_c = g[\\phi], \\qquad (u_c, s') = \\mathrm{inner}(g_c, s, \\theta[\\phi]), \\qquad
+  u = \\mathrm{scatter}(u_c, \\phi) .
+
+The inner state is therefore built on k entries per leaf: AdamW's moments cost
+2·k values instead of 2·N, and the state also carries the int32 indices φ, so it
+checkpoints and shards with the rest of the state.
+
+Example:
+
+  >>> import jax, jax.numpy as jnp, optax
+  >>> import spra_jax as spra
+  >>> params = {'w': jnp.ones((32, 32)), 'b': jnp.zeros(32)}
+  >>> tx = spra.masked(optax.adamw(1e-2), density=0.05, key=jax.random.key(0))
+  >>> state = tx.init(params)
+  >>> grads = jax.tree.map(jnp.ones_like, params)
+  >>> updates, state = tx.update(grads, state, params)
+  >>> int((updates['w'] != 0).sum()), spra.num_trainable(spra.mask_of(state))
+  (51, 53)
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import optax
+
+from spra_jax import compact
+from spra_jax.masks import Distribution, Pattern, resolve_distribution, sample_mask, validate
+
+__all__ = ["SparseMaskedState", "masked", "mask_of"]
+
+
+class SparseMaskedState(NamedTuple):
+  """State of :func:`masked`.
+
+  Attributes:
+    mask: the mask (a params-shaped tree of ``LeafMask``; its leaves are the
+      int32 index vectors).
+    inner_state: the inner transformation's state over the compact tree.
+  """
+
+  mask: Any
+  inner_state: optax.OptState
+
+
+def _as_extra_args_transform(inner: Any) -> optax.GradientTransformationExtraArgs:
+  if isinstance(inner, optax.MultiSteps):
+    inner = inner.gradient_transformation()
+  if not (hasattr(inner, "init") and hasattr(inner, "update")):
+    raise TypeError(f"inner must be an Optax GradientTransformation, got {type(inner).__name__}.")
+  return optax.with_extra_args_support(inner)
+
+
+def masked(
+    inner: optax.GradientTransformation | optax.MultiSteps,
+    mask: Any = None,
+    *,
+    density: float | None = None,
+    key: Any = None,
+    distribution: Distribution | str | None = None,
+    include: Pattern = None,
+    exclude: Pattern = None,
+    full: Pattern = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Trains only the entries of a sparse mask, with O(k) optimizer state.
+
+  Give either a ``mask`` (from :func:`spra.sample_mask`) or a ``key`` together
+  with a ``density`` or ``distribution``, and ``init`` samples the mask from the
+  parameters (which may be ``jax.ShapeDtypeStruct``) with
+  ``sample_mask(key, params, distribution, include=..., exclude=..., full=...)``.
+
+  Updates are exactly zero outside the mask. Anything that should see only the
+  trained entries belongs *inside* the wrapper: ``optax.clip_by_global_norm``
+  (norms over trained entries only), ``optax.MultiSteps`` (it then accumulates
+  compact gradients), ``optax.apply_if_finite``. Extra arguments of ``update``
+  are passed to the inner transformation unchanged.
+
+  Args:
+    inner: the Optax transformation to run on the trainable entries.
+    mask: a mask with the structure of the parameters.
+    density: fraction of eligible entries to train (with ``key``).
+    key: PRNG key (or int seed) the mask is sampled from at ``init``.
+    distribution: a ``spra.masks.Distribution`` or registered name.
+    include: regex(es) for the leaves that may be sparsified.
+    exclude: regex(es) for leaves never sparsified.
+    full: regex(es) for leaves that train every entry.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is a
+    :class:`SparseMaskedState`.
+
+  Raises:
+    ValueError: for conflicting or missing arguments (e.g. ``density`` without
+      ``key``), and, at ``init``/``update``, a mask that does not fit the tree.
+
+  Example:
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import spra_jax as spra
+    >>> params = {'hidden': jnp.zeros((64, 64)), 'head': jnp.zeros((64, 2))}
+    >>> mask = spra.sample_mask(jax.random.key(0), params, density=0.01,
+    ...                         include='hidden', full='head')
+    >>> tx = spra.masked(optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3)), mask)
+    >>> state = jax.jit(tx.init)(params)
+    >>> [x.shape for x in jax.tree.leaves(state.inner_state[1][0].mu)]
+    [(64, 2), (41,)]
+  """
+  inner = _as_extra_args_transform(inner)
+  sampling_args = {"density": density, "key": key, "distribution": distribution, "include": include, "exclude": exclude, "full": full}
+  if mask is not None:
+    given = [name for name, v in sampling_args.items() if v is not None]
+    if given:
+      raise ValueError(
+          f"masked() got a mask and also {', '.join(given)}; these sample a mask at init. Give one or the other."
+      )
+    dist = None
+  else:
+    if key is None:
+      raise ValueError(
+          "masked() needs a mask, or a key to sample one: e.g. "
+          "spra.masked(optax.adamw(1e-4), density=0.01, key=jax.random.key(0))."
+      )
+    dist = resolve_distribution(distribution, density)
+
+  def init_fn(params):
+    m = mask
+    if m is None:
+      m = sample_mask(key, params, dist, include=include, exclude=exclude, full=full)
+    validate(m, params)
+    return SparseMaskedState(mask=m, inner_state=inner.init(compact.gather(params, m)))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    m = state.mask
+    validate(m, updates, check_indices=False)
+    compact_updates = compact.gather(updates, m)
+    compact_params = None if params is None else compact.gather(params, m)
+    compact_updates, inner_state = inner.update(compact_updates, state.inner_state, compact_params, **extra_args)
+    return compact.scatter(compact_updates, m, updates), SparseMaskedState(mask=m, inner_state=inner_state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def mask_of(opt_state: optax.OptState) -> Any:
+  """The mask inside an optimizer state built by :func:`masked`.
+
+  The state may be nested in other states (``optax.chain``,
+  ``optax.inject_hyperparams``, ``optax.apply_if_finite``, ...).
+
+  Raises:
+    ValueError: if the state holds no :class:`SparseMaskedState`, or several.
+
+  Example:
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import spra_jax as spra
+    >>> tx = optax.chain(optax.scale(0.5), spra.masked(optax.sgd(0.1), density=0.5, key=0))
+    >>> mask = spra.mask_of(tx.init({'w': jnp.zeros(10)}))
+    >>> spra.num_trainable(mask)
+    5
+  """
+  found = [
+      s
+      for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, SparseMaskedState))
+      if isinstance(s, SparseMaskedState)
+  ]
+  if not found:
+    raise ValueError("the optimizer state holds no spra.masked state; was it built with spra.masked(...)?")
+  if len(found) > 1:
+    raise ValueError(
+        f"the optimizer state holds {len(found)} spra.masked states; take the mask from the one you mean, "
+        "e.g. state[i].mask."
+    )
+  return found[0].mask
