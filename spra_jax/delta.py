@@ -121,7 +121,9 @@ def extract(tuned: Any, base: Any, mask: Any) -> SparseDelta:
   """The delta ``tuned - base`` at the mask's entries.
 
   Differences are taken in at least float32, so ``merge(base, extract(tuned,
-  base, mask))`` gives back ``tuned`` on the mask for bf16 models too. Entries
+  base, mask))`` gives back ``tuned`` on the mask: bit-exactly for bf16 and f16
+  parameters, and within one float32 rounding (at the larger of the base and
+  tuned magnitudes) for float32 parameters. Entries
   outside the mask are not looked at: if ``tuned`` differs from ``base`` there,
   that difference is not in the delta.
 
