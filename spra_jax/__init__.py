@@ -12,7 +12,19 @@ See ``spra.masked`` (the Optax transformation), ``spra.sample_mask`` and
 """
 
 from spra_jax import compact, masks
-from spra_jax.delta import SparseDelta, add_deltas, extract, init_delta, merge, unmerge
+from spra_jax.delta import (
+    SparseDelta,
+    add_deltas,
+    apply_updates,
+    attach,
+    extract,
+    grad,
+    init_delta,
+    merge,
+    unmerge,
+    value_and_grad,
+)
+from spra_jax.lean import LeanState, LeanStep, lean_step
 from spra_jax.masks import LeafMask, from_dense, num_trainable, sample_mask, to_dense
 from spra_jax.masks import summary as mask_summary
 from spra_jax.transform import SparseMaskedState, mask_of, masked
@@ -21,13 +33,19 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LeafMask",
+    "LeanState",
+    "LeanStep",
     "SparseDelta",
     "SparseMaskedState",
     "add_deltas",
+    "apply_updates",
+    "attach",
     "compact",
     "extract",
     "from_dense",
+    "grad",
     "init_delta",
+    "lean_step",
     "mask_of",
     "mask_summary",
     "masked",
@@ -37,4 +55,5 @@ __all__ = [
     "sample_mask",
     "to_dense",
     "unmerge",
+    "value_and_grad",
 ]

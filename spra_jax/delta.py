@@ -19,7 +19,9 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -29,7 +31,18 @@ import numpy as np
 from spra_jax import compact
 from spra_jax.masks import FROZEN, FULL, SPARSE, LeafMask, is_leaf_mask, num_trainable, path_str, validate
 
-__all__ = ["SparseDelta", "init_delta", "extract", "merge", "unmerge", "add_deltas"]
+__all__ = [
+    "SparseDelta",
+    "init_delta",
+    "extract",
+    "merge",
+    "unmerge",
+    "add_deltas",
+    "attach",
+    "grad",
+    "value_and_grad",
+    "apply_updates",
+]
 
 
 @jax.tree_util.register_pytree_node_class
@@ -258,3 +271,193 @@ def add_deltas(*deltas: SparseDelta) -> SparseDelta:
     new_masks.append(m)
     new_values.append(v)
   return SparseDelta(mask_def.unflatten(new_masks), mask_def.unflatten(new_values))
+
+
+# --------------------------------------------------------------------------
+# The memory-lean training path: differentiate the delta values only.
+# --------------------------------------------------------------------------
+
+
+@jax.custom_vjp
+def _through_sparse(weight: jax.Array, values: jax.Array, indices: jax.Array) -> jax.Array:
+  del values, indices
+  return weight
+
+
+def _through_sparse_fwd(weight, values, indices):
+  return weight, (values, indices)
+
+
+def _through_sparse_bwd(residuals, cotangent):
+  values, indices = residuals
+  # The weight's dense cotangent exists only here, one layer at a time; keep k
+  # of its entries and let XLA free the rest at once.
+  picked = jnp.reshape(cotangent, (-1,)).at[indices].get(**compact.INDEX_HINTS)
+  return None, picked.astype(values.dtype), None
+
+
+_through_sparse.defvjp(_through_sparse_fwd, _through_sparse_bwd)
+
+
+@jax.custom_vjp
+def _through_full(weight: jax.Array, values: jax.Array) -> jax.Array:
+  del values
+  return weight
+
+
+def _through_full_fwd(weight, values):
+  return weight, jnp.zeros((0,), values.dtype)
+
+
+def _through_full_bwd(dtype_carrier, cotangent):
+  return None, cotangent.astype(dtype_carrier.dtype)
+
+
+_through_full.defvjp(_through_full_fwd, _through_full_bwd)
+
+
+def attach(params: Any, delta: SparseDelta) -> Any:
+  """The weights for the forward pass, with gradients flowing to ``delta``.
+
+  ``params`` must already hold the fine-tuned weights (base + delta), as
+  :func:`apply_updates` keeps them; ``attach`` returns the same values. Its
+  custom VJP sends each weight's gradient to ``delta.values``: a sparse leaf
+  receives the k entries of its weight gradient at the mask's indices, gathered
+  right where the backward pass forms that gradient, and a full leaf receives
+  the whole gradient. Frozen leaves get no weight gradient at all. The backward
+  pass therefore never holds more than one layer's dense weight gradient, and
+  the optimizer sees only k values per leaf.
+
+  Differentiate with :func:`grad` or :func:`value_and_grad` (or ``jax.grad``
+  with ``allow_int=True``, since the delta carries its int32 indices).
+
+  Example:
+
+    >>> import jax, jax.numpy as jnp
+    >>> import spra_jax as spra
+    >>> params = {'w': jnp.arange(6.).reshape(2, 3)}
+    >>> delta = spra.init_delta(spra.masks.from_dense({'w': jnp.array([[1, 0, 0], [0, 0, 1]], bool)}))
+    >>> loss = lambda delta: (spra.attach(params, delta)['w'] ** 2).sum()
+    >>> spra.grad(loss)(delta).values['w']   # d/dw of sum(w**2) = 2w, at [0, 0] and [1, 2]
+    Array([ 0., 10.], dtype=float32)
+  """
+  if not isinstance(delta, SparseDelta):
+    raise TypeError(f"attach expects a SparseDelta, got {type(delta).__name__}.")
+  validate(delta.mask, params, check_indices=False)
+
+  def one(m: LeafMask, w: Any, v: Any):
+    if m.kind == FROZEN:
+      return w
+    if m.kind == FULL:
+      return _through_full(w, v)
+    return _through_sparse(w, v, m.indices)
+
+  return compact.map_leaves(one, delta.mask, params, delta.values)
+
+
+def _restore_indices(primal: Any, cotangent: Any) -> Any:
+  """Puts each SparseDelta's indices back where ``allow_int`` left float0."""
+  is_delta = lambda x: isinstance(x, SparseDelta)
+  return jax.tree.map(
+      lambda p, c: SparseDelta(p.mask, c.values) if is_delta(p) else c, primal, cotangent, is_leaf=is_delta
+  )
+
+
+def value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False, **kwargs: Any) -> Callable:
+  """``jax.value_and_grad`` for functions of :class:`SparseDelta` arguments.
+
+  The values of each delta are differentiated; its indices are carried into
+  the gradient unchanged, so the gradient of a ``SparseDelta`` is a
+  ``SparseDelta`` with the same mask. Other integer leaves get ``float0``
+  gradients, as with ``jax.grad(..., allow_int=True)``.
+
+  Example:
+
+    >>> import jax.numpy as jnp
+    >>> import spra_jax as spra
+    >>> params = {'w': jnp.ones((2, 2))}
+    >>> delta = spra.init_delta(spra.masks.from_dense({'w': jnp.eye(2, dtype=bool)}))
+    >>> loss, g = spra.value_and_grad(lambda d: spra.attach(params, d)['w'].sum())(delta)
+    >>> float(loss), g.values['w'].tolist(), g.mask['w'].indices.tolist()
+    (4.0, [1.0, 1.0], [0, 3])
+  """
+  vg = jax.value_and_grad(fun, argnums=argnums, has_aux=has_aux, allow_int=True, **kwargs)
+
+  @functools.wraps(fun)
+  def wrapped(*args, **kw):
+    out, grads = vg(*args, **kw)
+    if isinstance(argnums, int):
+      return out, _restore_indices(args[argnums], grads)
+    return out, tuple(_restore_indices(args[i], g) for i, g in zip(argnums, grads))
+
+  return wrapped
+
+
+def grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False, **kwargs: Any) -> Callable:
+  """``jax.grad`` for functions of :class:`SparseDelta` arguments.
+
+  See :func:`value_and_grad`.
+
+  Example:
+
+    >>> import jax.numpy as jnp
+    >>> import spra_jax as spra
+    >>> params = {'w': jnp.full((3,), 2.)}
+    >>> delta = spra.init_delta(spra.masks.from_dense({'w': jnp.array([False, True, False])}))
+    >>> spra.grad(lambda d: (spra.attach(params, d)['w'] ** 3).sum())(delta).values['w']
+    Array([12.], dtype=float32)
+  """
+  vg = value_and_grad(fun, argnums=argnums, has_aux=has_aux, **kwargs)
+
+  @functools.wraps(fun)
+  def wrapped(*args, **kw):
+    out, grads = vg(*args, **kw)
+    return (grads, out[1]) if has_aux else grads
+
+  return wrapped
+
+
+def apply_updates(params: Any, delta: SparseDelta, updates: Any) -> tuple[Any, SparseDelta]:
+  """Adds compact ``updates`` to the delta and, in place, to the parameters.
+
+  Returns ``(params, delta)`` with ``delta.values + updates`` and the same
+  change written into ``params`` at the mask's entries (summed in float32,
+  rounded once to each parameter's dtype). Under ``jax.jit`` with ``params``
+  and ``delta`` donated, XLA updates both buffers in place, so no second copy
+  of the weights exists: the parameters stay equal to base + delta (up to the
+  parameter dtype's rounding; the delta keeps its own float32 values, and
+  ``merge(base, delta)`` rebuilds the weights from them exactly).
+
+  ``updates`` has the structure of ``delta.values``: what an Optax
+  transformation returns when it runs on ``delta.values``.
+
+  Where to call it matters for memory. Called at the *end* of a jitted step,
+  after the backward pass has read the weights, the in-place write is not
+  ordered after those reads, and XLA copies the weights to keep them intact.
+  Called at the *start* of the next step, before anything reads the weights,
+  it writes in place. :func:`spra.lean_step` builds steps that way.
+
+  Example:
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import spra_jax as spra
+    >>> params = {'w': jnp.ones((2, 2))}
+    >>> delta = spra.init_delta(spra.masks.from_dense({'w': jnp.eye(2, dtype=bool)}))
+    >>> tx = optax.sgd(0.5)
+    >>> opt_state = tx.init(delta.values)
+    >>> grads = spra.grad(lambda d: spra.attach(params, d)['w'].sum())(delta)
+    >>> updates, opt_state = tx.update(grads.values, opt_state, delta.values)
+    >>> params, delta = spra.apply_updates(params, delta, updates)
+    >>> params['w'].tolist(), delta.values['w'].tolist()
+    ([[0.5, 1.0], [1.0, 0.5]], [-0.5, -0.5])
+  """
+  if not isinstance(delta, SparseDelta):
+    raise TypeError(f"apply_updates expects a SparseDelta, got {type(delta).__name__}.")
+
+  def add(m: LeafMask, v: Any, u: Any):
+    if m.kind == FROZEN:
+      return None
+    return (v.astype(_accumulate_dtype(v.dtype)) + u.astype(_accumulate_dtype(v.dtype))).astype(v.dtype)
+
+  new_values = compact.map_leaves(add, delta.mask, delta.values, updates)
+  return merge(params, SparseDelta(delta.mask, updates)), delta.replace(values=new_values)

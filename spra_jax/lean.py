@@ -1,0 +1,164 @@
+"""The memory-lean training step: differentiate only the sparse deltas.
+
+``jax.grad`` over the full parameters forms a dense gradient for every weight,
+all alive at once before the optimizer runs. The lean step differentiates the
+delta values instead: :func:`spra.attach` gathers each weight's k gradient
+entries right where the backward pass forms that weight's gradient, so the step
+holds at most one layer's dense weight gradient, and the optimizer state covers
+k values per leaf.
+
+The parameters are updated in place and always hold base + delta. The write
+for step t's update happens at the *start* of step t + 1, before anything reads
+the weights (``pending`` in :class:`LeanState`). Written at the end of step t,
+after the backward pass had read the weights, it would force XLA to copy all
+the weights. :meth:`LeanStep.flush` writes the pending update at any time.
+
+Example:
+
+  >>> import jax, jax.numpy as jnp, optax
+  >>> import spra_jax as spra
+  >>> params = {'w': jnp.ones((8, 8)), 'b': jnp.zeros(8)}
+  >>> def loss_fn(params, x, y):
+  ...   return ((x @ params['w'] + params['b'] - y) ** 2).mean()
+  >>> mask = spra.sample_mask(jax.random.key(0), params, density=0.25, full='b')
+  >>> step = spra.lean_step(loss_fn, optax.adam(1e-2))
+  >>> state = step.init(jax.tree.map(jnp.copy, params), mask)  # the step donates them
+  >>> x, y = jnp.ones((4, 8)), jnp.zeros((4, 8))
+  >>> for _ in range(3):
+  ...   state, loss = step(state, x, y)
+  >>> state = step.flush(state)
+  >>> params_now = state.params
+  >>> bool(jnp.allclose(params_now['w'], spra.merge(params, state.delta)['w']))
+  True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from spra_jax.delta import SparseDelta, apply_updates, attach, init_delta, value_and_grad
+from spra_jax.masks import validate
+
+__all__ = ["LeanState", "LeanStep", "lean_step"]
+
+
+class LeanState(NamedTuple):
+  """State of a :func:`lean_step` training run.
+
+  Attributes:
+    params: the weights, base + delta (in place, donated each step).
+    delta: the sparse delta trained so far (indices and float32 values).
+    opt_state: the optimizer's state over ``delta.values`` (O(k)).
+    pending: the last step's compact update, written into ``params`` and
+      ``delta`` at the start of the next step (or by :meth:`LeanStep.flush`).
+    step: number of steps taken.
+  """
+
+  params: Any
+  delta: SparseDelta
+  opt_state: optax.OptState
+  pending: Any
+  step: jax.Array
+
+
+class LeanStep:
+  """A jitted, donated SpaRTA training step that differentiates deltas only.
+
+  Build it with :func:`lean_step`.
+  """
+
+  def __init__(self, loss_fn: Callable, tx: optax.GradientTransformation, *, has_aux: bool, donate: bool, jit: bool):
+    self.loss_fn = loss_fn
+    self.tx = tx
+    self.has_aux = has_aux
+    wrap = (lambda f: jax.jit(f, donate_argnums=0 if donate else ())) if jit else (lambda f: f)
+    self._step = wrap(self._step_impl)
+    self._flush = wrap(self._flush_impl)
+
+  def init(self, params: Any, mask_or_delta: Any, *, dtype: Any = jnp.float32) -> LeanState:
+    """The initial state for ``params`` and a mask (or a delta to resume from).
+
+    With a mask, the delta starts at zero and ``params`` are the base weights.
+    With a :class:`SparseDelta`, ``params`` must already hold base + delta.
+
+    IMPORTANT: the step updates the weights in place: with ``donate=True`` the
+    arrays of ``params`` are donated to the first step and become unusable.
+    Keep a copy (``jax.tree.map(jnp.copy, params)``) if you need the base
+    weights afterwards, or rebuild them with ``spra.unmerge``.
+    """
+    delta = mask_or_delta if isinstance(mask_or_delta, SparseDelta) else init_delta(mask_or_delta, dtype)
+    validate(delta.mask, params)
+    pending = jax.tree.map(jnp.zeros_like, delta.values)
+    return LeanState(params, delta, self.tx.init(delta.values), pending, jnp.zeros((), jnp.int32))
+
+  def _step_impl(self, state: LeanState, *batch: Any):
+    params, delta = apply_updates(state.params, state.delta, state.pending)
+    loss_of_delta = lambda d: self.loss_fn(attach(params, d), *batch)
+    out, grads = value_and_grad(loss_of_delta, has_aux=self.has_aux)(delta)
+    updates, opt_state = self.tx.update(grads.values, state.opt_state, delta.values)
+    new_state = LeanState(params, delta, opt_state, updates, state.step + 1)
+    if self.has_aux:
+      loss, aux = out
+      return new_state, loss, aux
+    return new_state, out
+
+  def __call__(self, state: LeanState, *batch: Any):
+    """One step: returns ``(state, loss)``, or ``(state, loss, aux)`` with ``has_aux``.
+
+    The state passed in is donated (its buffers are reused): use the returned one.
+    """
+    return self._step(state, *batch)
+
+  def _flush_impl(self, state: LeanState) -> LeanState:
+    params, delta = apply_updates(state.params, state.delta, state.pending)
+    return state._replace(params=params, delta=delta, pending=jax.tree.map(jnp.zeros_like, state.pending))
+
+  def flush(self, state: LeanState) -> LeanState:
+    """Writes the pending update, so that ``state.params`` is current.
+
+    Call it before evaluating or saving; training can go on from the result.
+    """
+    return self._flush(state)
+
+
+def lean_step(
+    loss_fn: Callable,
+    tx: optax.GradientTransformation,
+    *,
+    has_aux: bool = False,
+    donate: bool = True,
+    jit: bool = True,
+) -> LeanStep:
+  """Builds the memory-lean SpaRTA training step.
+
+  Args:
+    loss_fn: ``loss_fn(params, *batch) -> loss`` (or ``(loss, aux)`` with
+      ``has_aux``); any pure function of the parameter pytree.
+    tx: an Optax transformation; it runs on the compact delta values. Weight
+      decay therefore pulls the *delta* towards zero, i.e. the model towards
+      its base weights (``spra.masked`` decays the parameter values instead).
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+    donate: donate the state to the jitted step so params update in place.
+    jit: jit the step (turn off to debug).
+
+  Returns:
+    A :class:`LeanStep`: ``state = step.init(params, mask)``, then
+    ``state, loss = step(state, *batch)``, and ``step.flush(state)``.
+
+  Example:
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import spra_jax as spra
+    >>> params = {'w': jnp.zeros((4, 2))}
+    >>> mask = spra.sample_mask(0, params, density=0.5)
+    >>> step = spra.lean_step(lambda p, x: (x @ p['w']).sum(), optax.sgd(0.1))
+    >>> state, loss = step(step.init(params, mask), jnp.ones((3, 4)))
+    >>> jax.tree.map(lambda u: u.shape, state.pending)
+    {'w': (4,)}
+  """
+  return LeanStep(loss_fn, tx, has_aux=has_aux, donate=donate, jit=jit)
