@@ -87,12 +87,16 @@ class LeanStep:
     With a :class:`SparseDelta`, ``params`` must already hold base + delta.
 
     IMPORTANT: the step updates the weights in place: with ``donate=True`` the
-    arrays of ``params`` are donated to the first step and become unusable.
+    arrays of ``params`` are donated to the first step and become unusable
+    (the mask or delta given here is copied, and stays usable).
     Keep a copy (``jax.tree.map(jnp.copy, params)``) if you need the base
     weights afterwards, or rebuild them with ``spra.unmerge``.
     """
     delta = mask_or_delta if isinstance(mask_or_delta, SparseDelta) else init_delta(mask_or_delta, dtype)
     validate(delta.mask, params)
+    # The step donates its state. Copy the delta (O(k)) so the caller's mask
+    # and delta stay usable; only the weights are handed over.
+    delta = jax.tree.map(jnp.copy, delta)
     pending = jax.tree.map(jnp.zeros_like, delta.values)
     return LeanState(params, delta, self.tx.init(delta.values), pending, jnp.zeros((), jnp.int32))
 
