@@ -733,7 +733,7 @@ def sample_mask(
       raise ValueError(f"{name}={pattern.pattern!r} matches no leaf; leaf paths look like {_example_paths(paths)}.")
 
   roles = []
-  for path, (shape, dtype) in zip(paths, shapes_dtypes):
+  for path, (_, dtype) in zip(paths, shapes_dtypes):
     if not _is_trainable_dtype(dtype):
       roles.append(FROZEN)
     elif full_re is not None and full_re.search(path):

@@ -96,8 +96,8 @@ def main(argv=None) -> dict:
       "cpu_count": os.cpu_count(),
   }
   gib = 2**30
-  print(f"| model | params | distribution | trainable k | sample time | compile | peak RSS growth | index bytes | growth / index bytes |")
-  print(f"|---|---|---|---|---|---|---|---|---|")
+  print("| model | params | distribution | trainable k | sample time | compile | peak RSS growth | index bytes | growth / index bytes |")
+  print("|---|---|---|---|---|---|---|---|---|")
   print(
       f"| {result['model']} | {n_params / 1e9:.2f} B | {result['distribution']} | {k:,} | {sample_s:.1f} s | {compile_s:.1f} s "
       f"| {result['peak_rss_growth_bytes'] / gib:.2f} GiB | {index_bytes / gib:.2f} GiB | {result['peak_rss_growth_over_index_bytes']}× |"
