@@ -132,6 +132,12 @@ def masked(
     dist = resolve_distribution(distribution, density)
 
   def init_fn(params):
+    if type(params).__name__ == "_ParamsPlaceholder":
+      raise TypeError(
+          "spra.masked's state is compact (k entries per leaf), not shaped like the parameters, so "
+          "optax.tree.map_params cannot map parameter-shaped values onto it; map over the state with "
+          "jax.tree.map, or take the mask from spra.mask_of(state)."
+      )
     m = mask
     if m is None:
       m = sample_mask(key, params, dist, include=include, exclude=exclude, full=full)

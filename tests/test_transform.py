@@ -224,3 +224,9 @@ def test_mask_that_does_not_fit_is_rejected_at_init_and_update(params):
   state = tx.init(params)
   with pytest.raises(ValueError, match="parameters without a mask leaf: 'new'"):
     tx.update({**params, "new": jnp.zeros(2)}, state, params)
+
+
+def test_map_params_gets_a_clear_error(params):
+  tx = spra.masked(optax.adam(1e-3), density=0.25, key=0)
+  with pytest.raises(TypeError, match="compact .* not shaped like the parameters"):
+    optax.tree.map_params(tx, lambda p: p, tx.init(params))
