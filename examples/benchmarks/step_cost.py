@@ -179,11 +179,15 @@ def rotary(x: jax.Array, theta: float = 10000.0) -> jax.Array:
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def llama_model(small: bool) -> Model:
+def llama_model(small: bool, batch: int | None = None) -> Model:
   if small:
     cfg = {"layers": 2, "d_model": 64, "heads": 4, "mlp_hidden": 176, "vocab": 256, "seq": 16, "batch": 2}
   else:
     cfg = {"layers": 4, "d_model": 512, "heads": 8, "mlp_hidden": 1376, "vocab": 2048, "seq": 128, "batch": 8}
+  if batch is not None:
+    # Activations grow with the batch while weights and optimizer state do not: a
+    # small batch shows the weight-dominated regime of large models.
+    cfg["batch"] = batch
   n_layers, d, n_heads, f, vocab = cfg["layers"], cfg["d_model"], cfg["heads"], cfg["mlp_hidden"], cfg["vocab"]
   head_dim = d // n_heads
   keys = iter(jax.random.split(jax.random.key(2), 8 * n_layers + 4))
@@ -568,6 +572,8 @@ def main(argv=None) -> dict:
   ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
   ap.add_argument("--density", type=float, default=0.01)
   ap.add_argument("--small", action="store_true", help="shrink every model for a quick smoke test")
+  ap.add_argument("--llama-batch", type=int, default=None,
+                  help="batch size of the Llama-shaped model (default 8; 1 shows the weight-dominated regime)")
   ap.add_argument("--json", default=os.path.join(RESULTS, "step_cost.json"))
   ap.add_argument("--png", default=os.path.join(RESULTS, "step_cost.png"))
   args = ap.parse_args(argv)
@@ -578,7 +584,7 @@ def main(argv=None) -> dict:
 
   results, md = {}, []
   for name in names:
-    model = MODELS[name](args.small)
+    model = MODELS[name](args.small, args.llama_batch) if name == "llama" else MODELS[name](args.small)
     t0 = time.perf_counter()
     for placement, res in run_model(model, args).items():
       group = f"{name} / {placement}"
@@ -620,7 +626,7 @@ def main(argv=None) -> dict:
       "device": str(jax.devices()[0].device_kind),
       "cpu_count": os.cpu_count(),
       "args": {"models": names, "steps": args.steps, "rounds": args.rounds, "density": args.density,
-               "small": args.small},
+               "small": args.small, "llama_batch": args.llama_batch},
       "results": results,
       "all_goals_met": all(g["met"] for r in results.values() for g in r["goals"]),
   }
