@@ -11,7 +11,7 @@ See ``spra.masked`` (the Optax transformation), ``spra.sample_mask`` and
 ``spra.masks`` (mask distributions), and ``spra.SparseDelta`` (adapters).
 """
 
-from spra_jax import compact, masks, nnx
+from spra_jax import compact, data, masks, nnx
 from spra_jax.delta import (
     SparseDelta,
     add_deltas,
@@ -41,6 +41,7 @@ __all__ = [
     "apply_updates",
     "attach",
     "compact",
+    "data",
     "extract",
     "from_dense",
     "grad",
