@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import re
 import pathlib
 
 import pytest
@@ -35,3 +36,14 @@ def test_mask_sampling_benchmark_writes_its_table_and_json(tmp_path, capsys):
   # 1 % of a one-layer Llama-7B shape (each leaf rounded on its own).
   assert abs(saved["trainable"] - 0.01 * saved["parameters"]) <= 16
   assert "| Llama-7B shapes (1 layers) |" in capsys.readouterr().out
+
+
+def test_minimal_loop_is_short_and_learns_with_one_percent(capsys):
+  pytest.importorskip("sklearn", reason="the example uses scikit-learn's bundled digits (the 'examples' extra)")
+  source = (ROOT / "examples/minimal.py").read_text()
+  assert len(source.splitlines()) < 40 and "spra.masked(optax.adamw(" in source
+  load("examples/minimal.py")
+  out = capsys.readouterr().out
+  final_accuracy = float(re.findall(r"train accuracy (\S+)", out)[-1])
+  assert final_accuracy > 0.6  # chance is 0.1; only 379 of 38,410 entries train
+  assert "379 trainable" in out
