@@ -11,7 +11,7 @@ See ``spra.masked`` (the Optax transformation), ``spra.sample_mask`` and
 ``spra.masks`` (mask distributions), and ``spra.SparseDelta`` (adapters).
 """
 
-from spra_jax import compact, data, masks, nnx
+from spra_jax import compact, data, masks, metrics, nnx
 from spra_jax.delta import (
     SparseDelta,
     add_deltas,
@@ -52,6 +52,7 @@ __all__ = [
     "masked",
     "masks",
     "merge",
+    "metrics",
     "nnx",
     "num_trainable",
     "sample_mask",
