@@ -1,0 +1,37 @@
+"""Checkpoints: sparse-delta adapters, training checkpoints, merged export and interop.
+
+* :func:`save_adapter` / :func:`load_adapter`: a trained delta as a small Orbax
+  adapter directory with provenance and a base-model fingerprint
+  (:mod:`spra_jax.checkpoint.adapter`);
+* :class:`TrainCheckpointer`: resumable training checkpoints with
+  ``orbax.checkpoint.CheckpointManager`` (:mod:`spra_jax.checkpoint.train`);
+* :func:`export_merged`, :func:`export_peft_sparta`, :func:`import_peft_sparta`:
+  Hugging Face safetensors and the SpaRTA PyTorch package's adapter format
+  (:mod:`spra_jax.checkpoint.interop`).
+"""
+
+from spra_jax.checkpoint import encoding
+from spra_jax.checkpoint.adapter import (
+    AdapterOverlap,
+    LeafOverlap,
+    adapter_overlap,
+    base_fingerprint,
+    check_base,
+    load_adapter,
+    load_adapter_config,
+    merge_adapters,
+    save_adapter,
+)
+
+__all__ = [
+    "AdapterOverlap",
+    "LeafOverlap",
+    "adapter_overlap",
+    "base_fingerprint",
+    "check_base",
+    "encoding",
+    "load_adapter",
+    "load_adapter_config",
+    "merge_adapters",
+    "save_adapter",
+]
