@@ -22,10 +22,13 @@ from spra_jax.checkpoint.adapter import (
     merge_adapters,
     save_adapter,
 )
+from spra_jax.checkpoint.train import TrainCheckpoint, TrainCheckpointer, trained_entries, with_trained_entries
 
 __all__ = [
     "AdapterOverlap",
     "LeafOverlap",
+    "TrainCheckpoint",
+    "TrainCheckpointer",
     "adapter_overlap",
     "base_fingerprint",
     "check_base",
@@ -34,4 +37,6 @@ __all__ = [
     "load_adapter_config",
     "merge_adapters",
     "save_adapter",
+    "trained_entries",
+    "with_trained_entries",
 ]
