@@ -22,6 +22,13 @@ from spra_jax.checkpoint.adapter import (
     merge_adapters,
     save_adapter,
 )
+from spra_jax.checkpoint.interop import (
+    default_to_torch_layout,
+    default_torch_name,
+    export_merged,
+    export_peft_sparta,
+    import_peft_sparta,
+)
 from spra_jax.checkpoint.train import TrainCheckpoint, TrainCheckpointer, trained_entries, with_trained_entries
 
 __all__ = [
@@ -32,7 +39,12 @@ __all__ = [
     "adapter_overlap",
     "base_fingerprint",
     "check_base",
+    "default_to_torch_layout",
+    "default_torch_name",
     "encoding",
+    "export_merged",
+    "export_peft_sparta",
+    "import_peft_sparta",
     "load_adapter",
     "load_adapter_config",
     "merge_adapters",
