@@ -215,7 +215,7 @@ KILLED_SAVE = textwrap.dedent(
     import sys, numpy as np, jax.numpy as jnp
     import spra_jax as spra
     from spra_jax.masks import LeafMask
-    n = 24_000_000
+    n = 8_000_000
     mask = {"w": LeafMask.sparse((2 * n,), np.arange(0, 2 * n, 2, dtype=np.int32))}
     delta = spra.SparseDelta(mask, {"w": np.ones(n, np.float32)})
     print("saving", flush=True)
