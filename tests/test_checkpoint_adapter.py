@@ -33,7 +33,8 @@ def _params():
 
 def _delta(params, seed=0, density=0.1, dtype=jnp.float32):
   mask = spra.sample_mask(seed, params, density=density, include="v_proj", full="head")
-  values = jax.tree.map(lambda x: jax.random.normal(jax.random.key(seed + 1), x.shape, dtype), spra.init_delta(mask).values)
+  key = jax.random.key(seed + 1)
+  values = jax.tree.map(lambda x: jax.random.normal(key, x.shape, dtype), spra.init_delta(mask).values)
   return spra.SparseDelta(mask, values)
 
 
@@ -103,7 +104,8 @@ def test_size_on_disk_within_bound_and_gaps_smaller(tmp_path):
   shapes = {f"l{i}": jax.ShapeDtypeStruct((512, 512), jnp.float32) for i in range(4)}
   mask = spra.sample_mask(0, shapes, density=0.01)
   k = spra.num_trainable(mask)
-  values = jax.tree.map(lambda m: jax.random.normal(jax.random.key(1), (m.num_trainable,)), mask, is_leaf=spra.masks.is_leaf_mask)
+  key = jax.random.key(1)
+  values = jax.tree.map(lambda m: jax.random.normal(key, (m.num_trainable,)), mask, is_leaf=spra.masks.is_leaf_mask)
   delta = spra.SparseDelta(mask, values)
   sizes = {}
   for enc in ("int32", "gaps"):
@@ -254,8 +256,11 @@ def test_overlap_and_merging_several_adapters(tmp_path):
   save_adapter(tmp_path / "a", a, base_params=params)
   save_adapter(tmp_path / "b", b, base_params=params)
   ov = adapter_overlap(tmp_path / "a", b)
-  flat_a = {spra.masks.path_str(p): m for p, m in jax.tree_util.tree_flatten_with_path(a.mask, is_leaf=spra.masks.is_leaf_mask)[0]}
-  flat_b = {spra.masks.path_str(p): m for p, m in jax.tree_util.tree_flatten_with_path(b.mask, is_leaf=spra.masks.is_leaf_mask)[0]}
+  def by_path(mask):
+    flat = jax.tree_util.tree_flatten_with_path(mask, is_leaf=spra.masks.is_leaf_mask)[0]
+    return {spra.masks.path_str(p): m for p, m in flat}
+
+  flat_a, flat_b = by_path(a.mask), by_path(b.mask)
   for path in ("layers/0/v_proj/kernel", "layers/1/v_proj/kernel"):
     want = len(set(np.asarray(flat_a[path].indices).tolist()) & set(np.asarray(flat_b[path].indices).tolist()))
     assert ov.leaves[path].shared == want

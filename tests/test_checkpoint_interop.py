@@ -65,7 +65,8 @@ def llama():
 def _random_delta(mask, seed):
   leaves, treedef = jax.tree.flatten(spra.init_delta(mask).values)
   keys = jax.random.split(jax.random.key(seed), len(leaves))
-  return spra.SparseDelta(mask, jax.tree.unflatten(treedef, [0.05 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]))
+  values = [0.05 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]
+  return spra.SparseDelta(mask, jax.tree.unflatten(treedef, values))
 
 
 def _apply_like_the_package(model, directory):
@@ -87,7 +88,8 @@ def test_paper_format_applied_in_torch_equals_our_merge_and_merged_export(llama,
 
   saved = safetensors.numpy.load_file(tmp_path / "adapter" / "sparse_deltas.safetensors")
   assert saved["indices.model.layers.0.self_attn.v_proj.weight"].dtype == np.int32
-  assert saved["indices.model.layers.0.self_attn.v_proj.weight"].shape == (mask["model"]["layers"]["0"]["self_attn"]["v_proj"]["kernel"].num_trainable, 2)
+  k_v0 = mask["model"]["layers"]["0"]["self_attn"]["v_proj"]["kernel"].num_trainable
+  assert saved["indices.model.layers.0.self_attn.v_proj.weight"].shape == (k_v0, 2)
   assert saved["indices.model.embed_tokens.weight"].shape == (0, 2)  # frozen: empty, as the package writes
   assert json.loads((tmp_path / "adapter" / "config.json").read_text())["sparta_pretrained_model"] == "tiny-llama"
 
@@ -118,13 +120,14 @@ def test_paper_format_applied_in_torch_equals_our_merge_and_merged_export(llama,
 
 
 def test_import_round_trip(llama, tmp_path):
-  cfg, model = llama
+  _, model = llama
   params = torch_to_ours(model.state_dict())
   mask = spra.sample_mask(3, params, density=0.1, include="proj", full="model/norm")
   delta = _random_delta(mask, 4)
   export_peft_sparta(tmp_path, delta)
   back = import_peft_sparta(tmp_path, jax.eval_shape(lambda: params))
-  assert jax.tree.structure(back.mask, is_leaf=spra.masks.is_leaf_mask) == jax.tree.structure(delta.mask, is_leaf=spra.masks.is_leaf_mask)
+  structure = lambda m: jax.tree.structure(m, is_leaf=spra.masks.is_leaf_mask)
+  assert structure(back.mask) == structure(delta.mask)
   for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(delta)):
     np.testing.assert_array_equal(a, b)
   assert back.mask["model"]["norm"]["scale"].kind == "full"
@@ -156,13 +159,15 @@ def test_import_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match="sparse_deltas.safetensors"):
     import_peft_sparta(tmp_path, params)
   f = tmp_path / "sparse_deltas.safetensors"
-  safetensors.numpy.save_file({"indices.other.weight": np.zeros((1, 2), np.int32), "deltas.other.weight": np.ones(1, np.float32)}, f)
+  write = lambda name, coords: safetensors.numpy.save_file(
+      {f"indices.{name}": np.array(coords, np.int32), f"deltas.{name}": np.ones(len(coords), np.float32)}, f)
+  write("other.weight", [[0, 0]])
   with pytest.raises(ValueError, match="match no parameter leaf.*other.weight"):
     import_peft_sparta(tmp_path, params)
-  safetensors.numpy.save_file({"indices.fc.weight": np.array([[1, 2], [1, 2]], np.int32), "deltas.fc.weight": np.ones(2, np.float32)}, f)
+  write("fc.weight", [[1, 2], [1, 2]])
   with pytest.raises(ValueError, match="more than once"):
     import_peft_sparta(tmp_path, params)
-  safetensors.numpy.save_file({"indices.fc.weight": np.array([[2, 0]], np.int32), "deltas.fc.weight": np.ones(1, np.float32)}, f)
+  write("fc.weight", [[2, 0]])
   with pytest.raises(ValueError, match=r"outside the torch shape \[2, 3\]"):
     import_peft_sparta(tmp_path, params)
   f.write_bytes(f.read_bytes()[:20])

@@ -18,7 +18,8 @@ def load(relative):
 def test_adapter_size_benchmark_small(tmp_path, capsys):
   bench = load("examples/benchmarks/adapter_size.py")
   out_json, out_md = tmp_path / "size.json", tmp_path / "size.md"
-  summary = bench.main(["--small", "--layers", "1", "--densities", "0.01", "--json", str(out_json), "--md", str(out_md)])
+  args = ["--small", "--layers", "1", "--densities", "0.01", "--json", str(out_json), "--md", str(out_md)]
+  summary = bench.main(args)
   printed = capsys.readouterr().out
   assert json.loads(out_json.read_text())["results"][0]["trainable"] == summary["results"][0]["trainable"]
   res = summary["results"][0]

@@ -118,8 +118,8 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
   env = _env(tmp_path / "jax_cache")
 
   def train(name, pause, **kw):
-    args = [PYTHON, str(script), str(tmp_path / f"ck_{name}"), str(tmp_path / f"{name}.npz"), str(tmp_path / f"m_{name}"),
-            str(total), str(pause)]
+    args = [PYTHON, str(script), str(tmp_path / f"ck_{name}"), str(tmp_path / f"{name}.npz"),
+            str(tmp_path / f"m_{name}"), str(total), str(pause)]
     return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
   # The uninterrupted reference run first (it fills the compilation cache), then a run that gets killed.

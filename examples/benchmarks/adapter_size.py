@@ -17,7 +17,8 @@ Methods:
 
 Run:
   python examples/benchmarks/adapter_size.py [--densities 0.01 0.001] [--layers 32]
-          [--small] [--json examples/benchmarks/results/adapter_size.json] [--md examples/benchmarks/results/adapter_size.md]
+          [--small] [--json examples/benchmarks/results/adapter_size.json]
+          [--md examples/benchmarks/results/adapter_size.md]
 """
 
 from __future__ import annotations
@@ -44,7 +45,11 @@ def llama_shapes(layers: int = 32, d: int = 4096, ffn: int = 11008, vocab: int =
   sds = lambda *s: jax.ShapeDtypeStruct(s, dtype)
   layer = {
       "self_attn": {n: {"kernel": sds(d, d)} for n in ("q_proj", "k_proj", "v_proj", "o_proj")},
-      "mlp": {"gate_proj": {"kernel": sds(d, ffn)}, "up_proj": {"kernel": sds(d, ffn)}, "down_proj": {"kernel": sds(ffn, d)}},
+      "mlp": {
+          "gate_proj": {"kernel": sds(d, ffn)},
+          "up_proj": {"kernel": sds(d, ffn)},
+          "down_proj": {"kernel": sds(ffn, d)},
+      },
       "input_layernorm": {"scale": sds(d)},
       "post_attention_layernorm": {"scale": sds(d)},
   }
@@ -121,8 +126,10 @@ def measure(shapes, density: float, workdir: str, seed: int = 0) -> dict:
 
 def markdown(results: list[dict], layers: int) -> str:
   lines = [
-      f"Adapter bytes on disk, Llama-2-7B shapes ({layers} layers), every linear kernel of the layers at the density, "
-      "float32 values. Bound = 1.1 × k × (4 + 4) bytes; metadata (JSON) is counted apart.",
+      (
+          f"Adapter bytes on disk, Llama-2-7B shapes ({layers} layers), every linear kernel of the layers at the "
+          "density, float32 values. Bound = 1.1 × k × (4 + 4) bytes; metadata (JSON) is counted apart."
+      ),
       "",
       "| density | k | method | data bytes | bytes / entry | × bound | within | JSON metadata | save s | load s |",
       "| --- | ---: | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |",

@@ -69,18 +69,18 @@ from spra_jax.delta import SparseDelta, add_deltas, merge
 from spra_jax.masks import FROZEN, FULL, SPARSE, Distribution, LeafMask, is_leaf_mask, path_str
 
 __all__ = [
-    "FORMAT",
-    "FORMAT_VERSION",
-    "CONFIG_NAME",
-    "save_adapter",
-    "load_adapter",
-    "load_adapter_config",
-    "base_fingerprint",
-    "check_base",
-    "merge_adapters",
-    "adapter_overlap",
-    "AdapterOverlap",
-    "LeafOverlap",
+  "CONFIG_NAME",
+  "FORMAT",
+  "FORMAT_VERSION",
+  "AdapterOverlap",
+  "LeafOverlap",
+  "adapter_overlap",
+  "base_fingerprint",
+  "check_base",
+  "load_adapter",
+  "load_adapter_config",
+  "merge_adapters",
+  "save_adapter",
 ]
 
 FORMAT = "spra_jax.sparse_adapter"
@@ -255,7 +255,7 @@ def check_base(config: Mapping[str, Any], base_params: Any, mask: Any) -> None:
     >>> check_base(cfg, {'w': jnp.zeros(4)}, mask)
     Traceback (most recent call last):
     ...
-    ValueError: base_params do not match the adapter's base model 'toy': leaf 'w' differs at the adapter's 1 entries (fingerprint ... != ...).
+    ValueError: base_params do not match the adapter's base model 'toy': leaf 'w' differs at the adapter's 1 entries ...
   """
   stored = (config.get("base_fingerprint") or {}).get("leaves")
   params = _flat_params(base_params)
@@ -265,12 +265,13 @@ def check_base(config: Mapping[str, Any], base_params: Any, mask: Any) -> None:
   missing = [path_str(p) for p, _ in flat if path_str(p) not in params]
   if missing:
     raise ValueError(f"base_params do not match {what}: they lack the leaves {missing[:6]}.")
-  current = None
   for p, m in flat:
     path = path_str(p)
     shape = tuple(int(d) for d in np.shape(params[path]))
     if shape != m.shape:
-      raise ValueError(f"base_params do not match {what}: leaf {path!r} has shape {shape}, the adapter expects {m.shape}.")
+      raise ValueError(
+          f"base_params do not match {what}: leaf {path!r} has shape {shape}, the adapter expects {m.shape}."
+      )
   if stored is None:
     return
   current = base_fingerprint(base_params, mask)
@@ -498,7 +499,9 @@ def _read_arrays(final: Path, config: Mapping[str, Any]) -> dict[str, np.ndarray
     with ocp.PyTreeCheckpointer() as ckptr:
       arrays = ckptr.restore(arrays_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
   except Exception as e:  # Orbax and TensorStore raise many types for damaged files.
-    raise ValueError(f"cannot read the arrays of adapter {final}: it is truncated or corrupted ({type(e).__name__}: {e}).") from e
+    raise ValueError(
+        f"cannot read the arrays of adapter {final}: it is truncated or corrupted ({type(e).__name__}: {e})."
+    ) from e
   for name, spec in specs.items():
     a = arrays.get(name)
     if a is None:
@@ -563,11 +566,16 @@ def _decode(final: Path, config: Mapping[str, Any], arrays: Mapping[str, np.ndar
         raise ValueError(f"adapter {final} is corrupted: leaf {path!r}: {e}") from None
     size = math.prod(shape)
     if idx.size and (idx[0] < 0 or idx[-1] >= size or np.any(np.diff(idx) <= 0)):
-      raise ValueError(f"adapter {final} is corrupted: leaf {path!r}'s indices are not sorted, unique and in [0, {size}).")
+      raise ValueError(
+          f"adapter {final} is corrupted: leaf {path!r}'s indices are not sorted, unique and in [0, {size})."
+      )
     out.append(_Leaf(record, LeafMask.sparse(shape, idx), values))
   for name, a in arrays.items():
     if cursors.get(name, 0) != a.shape[0]:
-      raise ValueError(f"adapter {final} is corrupted: the leaf table uses {cursors.get(name, 0)} of the {a.shape[0]} entries of {name!r}.")
+      raise ValueError(
+          f"adapter {final} is corrupted: the leaf table uses {cursors.get(name, 0)} of the {a.shape[0]} "
+          f"entries of {name!r}."
+      )
   return out
 
 

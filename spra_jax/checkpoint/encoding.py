@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["EncodedIndices", "encode_gaps", "decode_gaps", "WIDTH_DTYPES"]
+__all__ = ["WIDTH_DTYPES", "EncodedIndices", "decode_gaps", "encode_gaps"]
 
 #: Narrow dtype per gap width in bytes (width 4 stores the gaps as uint32, no escapes).
 WIDTH_DTYPES = {1: np.dtype(np.uint8), 2: np.dtype(np.uint16), 4: np.dtype(np.uint32)}

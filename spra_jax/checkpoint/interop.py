@@ -58,15 +58,15 @@ import safetensors.numpy
 
 from spra_jax.checkpoint import _files
 from spra_jax.delta import SparseDelta, merge
-from spra_jax.masks import FROZEN, FULL, SPARSE, LeafMask, is_leaf_mask, path_str
+from spra_jax.masks import FROZEN, FULL, LeafMask, is_leaf_mask, path_str
 
 __all__ = [
-    "SPARSE_DELTAS_FILE",
-    "default_torch_name",
-    "default_to_torch_layout",
-    "export_peft_sparta",
-    "import_peft_sparta",
-    "export_merged",
+  "SPARSE_DELTAS_FILE",
+  "default_to_torch_layout",
+  "default_torch_name",
+  "export_merged",
+  "export_peft_sparta",
+  "import_peft_sparta",
 ]
 
 SPARSE_DELTAS_FILE = "sparse_deltas.safetensors"
@@ -95,8 +95,10 @@ def default_to_torch_layout(path: str, array: Any) -> np.ndarray:
   Example:
 
     >>> import numpy as np
-    >>> default_to_torch_layout('fc/kernel', np.zeros((3, 2))).shape, default_to_torch_layout('fc/bias', np.zeros(2)).shape
-    ((2, 3), (2,))
+    >>> default_to_torch_layout('fc/kernel', np.zeros((3, 2))).shape
+    (2, 3)
+    >>> default_to_torch_layout('fc/bias', np.zeros(2)).shape
+    (2,)
   """
   array = np.asarray(array)
   if path.split("/")[-1] == "kernel" and array.ndim == 2:
@@ -307,7 +309,8 @@ def import_peft_sparta(
     else:
       raise ValueError(f"{file} has the key {key!r}; expected 'indices.<name>' and 'deltas.<name>' only.")
   if set(indices) != set(deltas):
-    raise ValueError(f"{file}: names with indices but no deltas or the reverse: {sorted(set(indices) ^ set(deltas))[:6]}.")
+    unpaired = sorted(set(indices) ^ set(deltas))
+    raise ValueError(f"{file}: names with indices but no deltas or the reverse: {unpaired[:6]}.")
 
   flat, treedef = jax.tree_util.tree_flatten_with_path(like_params)
   paths = [path_str(p) for p, _ in flat]
@@ -344,7 +347,10 @@ def import_peft_sparta(
       continue
     if np.any(coords < 0) or np.any(coords >= np.asarray(layout.torch_shape)):
       raise ValueError(f"{file}: {name!r} has coordinates outside the torch shape {list(layout.torch_shape)}.")
-    torch_flat = np.ravel_multi_index(tuple(coords.T.astype(np.int64)), layout.torch_shape) if coords.shape[1] else np.zeros(k, np.int64)
+    if coords.shape[1]:
+      torch_flat = np.ravel_multi_index(tuple(coords.T.astype(np.int64)), layout.torch_shape)
+    else:  # a scalar parameter
+      torch_flat = np.zeros(k, np.int64)
     ours = layout.ours_flat(torch_flat)
     order = np.argsort(ours, kind="stable")
     ours, vals = ours[order], vals[order]
@@ -426,9 +432,9 @@ def export_merged(
   if delta is not None:
     if not isinstance(delta, SparseDelta):
       raise TypeError(f"delta must be a SparseDelta or None, got {type(delta).__name__}.")
-    leaf_masks = treedef.flatten_up_to(delta.mask) if jax.tree.structure(delta.mask, is_leaf=is_leaf_mask) == treedef else None
-    if leaf_masks is None:
+    if jax.tree.structure(delta.mask, is_leaf=is_leaf_mask) != treedef:
       raise ValueError("delta's mask does not have the structure of params.")
+    leaf_masks = treedef.flatten_up_to(delta.mask)
     leaf_values = treedef.flatten_up_to(delta.values)
   else:
     leaf_masks = leaf_values = [None] * len(flat)

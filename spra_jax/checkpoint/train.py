@@ -42,7 +42,7 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Self
 
 import jax
 import jax.numpy as jnp
@@ -54,7 +54,7 @@ from spra_jax.checkpoint import _files
 from spra_jax.lean import LeanState
 from spra_jax.masks import FROZEN, FULL, LeafMask, validate
 
-__all__ = ["TrainCheckpointer", "TrainCheckpoint", "trained_entries", "with_trained_entries"]
+__all__ = ["TrainCheckpoint", "TrainCheckpointer", "trained_entries", "with_trained_entries"]
 
 
 def trained_entries(params: Any, mask: Any) -> Any:
@@ -360,10 +360,10 @@ class TrainCheckpointer:
     """Waits for pending saves and releases the manager."""
     self._manager.close()
 
-  def __enter__(self) -> TrainCheckpointer:
+  def __enter__(self) -> Self:
     return self
 
-  def __exit__(self, *exc: Any) -> None:
+  def __exit__(self, *exc: object) -> None:
     self.close()
 
   def __repr__(self) -> str:
