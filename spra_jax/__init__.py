@@ -11,7 +11,8 @@ See ``spra.masked`` (the Optax transformation), ``spra.sample_mask`` and
 ``spra.masks`` (mask distributions), and ``spra.SparseDelta`` (adapters).
 """
 
-from spra_jax import compact, data, masks, metrics, nnx
+from spra_jax import checkpoint, compact, data, masks, metrics, nnx
+from spra_jax.checkpoint import adapter_overlap, load_adapter, load_adapter_config, merge_adapters, save_adapter
 from spra_jax.delta import (
     SparseDelta,
     add_deltas,
@@ -37,9 +38,11 @@ __all__ = [
     "LeanStep",
     "SparseDelta",
     "SparseMaskedState",
+    "adapter_overlap",
     "add_deltas",
     "apply_updates",
     "attach",
+    "checkpoint",
     "compact",
     "data",
     "extract",
@@ -47,15 +50,19 @@ __all__ = [
     "grad",
     "init_delta",
     "lean_step",
+    "load_adapter",
+    "load_adapter_config",
     "mask_of",
     "mask_summary",
     "masked",
     "masks",
     "merge",
+    "merge_adapters",
     "metrics",
     "nnx",
     "num_trainable",
     "sample_mask",
+    "save_adapter",
     "to_dense",
     "unmerge",
     "value_and_grad",

@@ -1,0 +1,54 @@
+"""Checkpoints: sparse-delta adapters, training checkpoints, merged export and interop.
+
+* :func:`save_adapter` / :func:`load_adapter`: a trained delta as a small Orbax
+  adapter directory with provenance and a base-model fingerprint
+  (:mod:`spra_jax.checkpoint.adapter`);
+* :class:`TrainCheckpointer`: resumable training checkpoints with
+  ``orbax.checkpoint.CheckpointManager`` (:mod:`spra_jax.checkpoint.train`);
+* :func:`export_merged`, :func:`export_peft_sparta`, :func:`import_peft_sparta`:
+  Hugging Face safetensors and the SpaRTA PyTorch package's adapter format
+  (:mod:`spra_jax.checkpoint.interop`).
+"""
+
+from spra_jax.checkpoint import encoding
+from spra_jax.checkpoint.adapter import (
+    AdapterOverlap,
+    LeafOverlap,
+    adapter_overlap,
+    base_fingerprint,
+    check_base,
+    load_adapter,
+    load_adapter_config,
+    merge_adapters,
+    save_adapter,
+)
+from spra_jax.checkpoint.interop import (
+    default_to_torch_layout,
+    default_torch_name,
+    export_merged,
+    export_peft_sparta,
+    import_peft_sparta,
+)
+from spra_jax.checkpoint.train import TrainCheckpoint, TrainCheckpointer, trained_entries, with_trained_entries
+
+__all__ = [
+    "AdapterOverlap",
+    "LeafOverlap",
+    "TrainCheckpoint",
+    "TrainCheckpointer",
+    "adapter_overlap",
+    "base_fingerprint",
+    "check_base",
+    "default_to_torch_layout",
+    "default_torch_name",
+    "encoding",
+    "export_merged",
+    "export_peft_sparta",
+    "import_peft_sparta",
+    "load_adapter",
+    "load_adapter_config",
+    "merge_adapters",
+    "save_adapter",
+    "trained_entries",
+    "with_trained_entries",
+]

@@ -1,0 +1,481 @@
+"""Interop with PyTorch: merged Hugging Face safetensors and the SpaRTA package's adapter format.
+
+Two name and layout conventions meet here. Ours: '/'-joined pytree paths with
+Flax leaf names, Linear kernels stored ``[in, out]``. PyTorch / Hugging Face:
+'.'-joined module names ending in ``weight`` / ``bias``, Linear weights
+``[out, in]``. Every function takes the mapping as two parameters, so a model
+family with other conventions plugs in its own (``spra_jax.models`` modules
+expose ``torch_name(path)`` and ``to_torch_layout(path, array)``):
+
+* ``torch_name(path) -> str``, default :func:`default_torch_name`:
+  ``model/layers/3/self_attn/v_proj/kernel`` -> ``model.layers.3.self_attn.v_proj.weight``
+  (``kernel``, ``embedding`` and ``scale`` become ``weight``);
+* ``to_torch_layout(path, array) -> np.ndarray``, default
+  :func:`default_to_torch_layout`: 2-D ``kernel`` leaves are transposed, other
+  leaves are kept. It must be a pure permutation of the entries (transpose,
+  reshape, row reordering): adapter coordinates are mapped through it.
+
+The SpaRTA PyTorch package stores an adapter as ``sparse_deltas.safetensors``
+with, for every named parameter, ``indices.<name>`` (int32 ``[k, ndim]``
+coordinates in torch layout, row-major order; ``[0, ndim]`` for frozen
+parameters) and ``deltas.<name>`` (float32 ``[k]``), next to the model's
+``config.json`` with ``sparta_pretrained_model`` naming the base. Its loaders
+apply an adapter as ``param[coords] = (param[coords].float() + delta).to(dtype)``.
+
+Example:
+
+  >>> import tempfile, jax, jax.numpy as jnp
+  >>> import spra_jax as spra
+  >>> params = {'layer': {'kernel': jnp.zeros((3, 2))}}          # [in, out]
+  >>> mask = spra.masks.from_dense({'layer': {'kernel': jnp.array([[0, 1], [0, 0], [1, 0]], bool)}})
+  >>> delta = spra.init_delta(mask).replace(values={'layer': {'kernel': jnp.array([1., 2.])}})
+  >>> d = tempfile.mkdtemp()
+  >>> _ = export_peft_sparta(d, delta, base_model='toy')
+  >>> import safetensors.numpy
+  >>> t = safetensors.numpy.load_file(f'{d}/sparse_deltas.safetensors')
+  >>> t['indices.layer.weight'].tolist(), t['deltas.layer.weight'].tolist()   # [out, in] coordinates
+  ([[0, 2], [1, 0]], [2.0, 1.0])
+  >>> back = import_peft_sparta(d, params)
+  >>> back.mask['layer']['kernel'].indices.tolist(), back.values['layer']['kernel'].tolist()
+  ([1, 4], [1.0, 2.0])
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import safetensors.numpy
+
+from spra_jax.checkpoint import _files
+from spra_jax.delta import SparseDelta, merge
+from spra_jax.masks import FROZEN, FULL, LeafMask, is_leaf_mask, path_str
+
+__all__ = [
+  "SPARSE_DELTAS_FILE",
+  "default_to_torch_layout",
+  "default_torch_name",
+  "export_merged",
+  "export_peft_sparta",
+  "import_peft_sparta",
+]
+
+SPARSE_DELTAS_FILE = "sparse_deltas.safetensors"
+_WEIGHT_LEAVES = {"kernel", "embedding", "scale"}
+
+
+def default_torch_name(path: str) -> str:
+  """Our '/'-path -> the Hugging Face torch parameter name.
+
+  Example:
+
+    >>> default_torch_name('model/layers/3/self_attn/v_proj/kernel')
+    'model.layers.3.self_attn.v_proj.weight'
+    >>> default_torch_name('model/norm/scale'), default_torch_name('embeddings/LayerNorm/bias')
+    ('model.norm.weight', 'embeddings.LayerNorm.bias')
+  """
+  parts = path.split("/")
+  if parts and parts[-1] in _WEIGHT_LEAVES:
+    parts[-1] = "weight"
+  return ".".join(parts)
+
+
+def default_to_torch_layout(path: str, array: Any) -> np.ndarray:
+  """Our array layout -> torch's: 2-D ``kernel`` leaves ``[in, out]`` become ``[out, in]``.
+
+  Example:
+
+    >>> import numpy as np
+    >>> default_to_torch_layout('fc/kernel', np.zeros((3, 2))).shape
+    (2, 3)
+    >>> default_to_torch_layout('fc/bias', np.zeros(2)).shape
+    (2,)
+  """
+  array = np.asarray(array)
+  if path.split("/")[-1] == "kernel" and array.ndim == 2:
+    return array.T
+  return array
+
+
+# --------------------------------------------------------------------------
+# Flat-index <-> torch-coordinate maps.
+# --------------------------------------------------------------------------
+
+
+class _Layout:
+  """How one leaf's entries move between our layout and torch's."""
+
+  def __init__(self, path: str, shape: tuple[int, ...], to_torch_layout: Callable[[str, Any], np.ndarray]):
+    self.path, self.shape = path, tuple(shape)
+    self.size = math.prod(self.shape)
+    self._to_torch_layout = to_torch_layout
+    self._cached_table = None
+    if to_torch_layout is default_to_torch_layout:
+      # A known permutation: indices map arithmetically, O(k).
+      self.transposed = path.split("/")[-1] == "kernel" and len(self.shape) == 2
+      self.torch_shape = self.shape[::-1] if self.transposed else self.shape
+    else:
+      self.transposed = None
+      # A zero-strided view gives the torch shape without allocating the leaf.
+      probe = np.asarray(to_torch_layout(path, np.broadcast_to(np.zeros((), np.int32), self.shape)))
+      self.torch_shape = tuple(int(d) for d in probe.shape)
+
+  @property
+  def _table(self) -> np.ndarray | None:
+    """torch flat position -> our flat index, for layout functions other than the default."""
+    if self.transposed is not None:
+      return None
+    if self._cached_table is None:
+      # Any permutation: push an iota through the layout function, O(leaf size), one leaf at a time.
+      iota = np.arange(self.size, dtype=np.int32).reshape(self.shape)
+      table = np.asarray(self._to_torch_layout(self.path, iota))
+      if table.size != self.size or not np.issubdtype(table.dtype, np.integer):
+        raise ValueError(
+            f"to_torch_layout({self.path!r}, ...) must permute the entries of its array; it returned "
+            f"{table.dtype}{list(table.shape)} for an int32{list(self.shape)} input."
+        )
+      self._cached_table = table.reshape(-1)
+    return self._cached_table
+
+  def torch_flat(self, ours: np.ndarray) -> np.ndarray:
+    """Torch flat positions of our flat indices."""
+    ours = np.asarray(ours, np.int64)
+    if self.transposed is not None:
+      if not self.transposed:
+        return ours
+      rows, cols = np.divmod(ours, self.shape[1])  # ours is [in, out]
+      return cols * self.shape[0] + rows
+    inverse = np.empty(self.size, np.int32)
+    inverse[self._table] = np.arange(self.size)
+    return inverse[ours]
+
+  def ours_flat(self, torch_flat: np.ndarray) -> np.ndarray:
+    """Our flat indices of torch flat positions."""
+    torch_flat = np.asarray(torch_flat, np.int64)
+    if self.transposed is not None:
+      if not self.transposed:
+        return torch_flat
+      rows, cols = np.divmod(torch_flat, self.shape[0])  # torch is [out, in]
+      return cols * self.shape[1] + rows
+    return self._table[torch_flat]
+
+  def to_torch(self, array: np.ndarray) -> np.ndarray:
+    """A whole leaf (our layout) in torch layout."""
+    if self.transposed is not None:
+      return array.T if self.transposed else array
+    return np.asarray(array).reshape(-1)[self._table].reshape(self.torch_shape)
+
+
+def _coords(torch_flat: np.ndarray, torch_shape: tuple[int, ...]) -> np.ndarray:
+  if not torch_shape:
+    return np.zeros((torch_flat.size, 0), np.int32)
+  return np.stack(np.unravel_index(torch_flat, torch_shape), axis=1).astype(np.int32)
+
+
+# --------------------------------------------------------------------------
+# The SpaRTA package's adapter format.
+# --------------------------------------------------------------------------
+
+
+def _check_names(names: dict[str, str]) -> None:
+  seen: dict[str, str] = {}
+  for path, name in names.items():
+    if name in seen:
+      raise ValueError(f"torch_name maps both {seen[name]!r} and {path!r} to {name!r}.")
+    seen[name] = path
+
+
+def export_peft_sparta(
+    directory: str | os.PathLike,
+    delta: SparseDelta,
+    *,
+    base_model: str | None = None,
+    config: Mapping[str, Any] | None = None,
+    torch_name: Callable[[str], str] = default_torch_name,
+    to_torch_layout: Callable[[str, Any], np.ndarray] = default_to_torch_layout,
+) -> Path:
+  """Writes a delta in the SpaRTA PyTorch package's format (``sparse_deltas.safetensors`` + ``config.json``).
+
+  Every leaf of the delta's mask gets ``indices.<torch name>`` (int32 ``[k, ndim]``
+  torch-layout coordinates, sorted row-major as ``torch.nonzero`` gives them;
+  every coordinate for a fully trained leaf; none for a frozen one) and
+  ``deltas.<torch name>`` (float32 ``[k]``, in the same order).
+
+  Args:
+    directory: the output directory (created; existing files of the same names
+      are replaced).
+    delta: the delta to export.
+    base_model: the base's name or path, stored as ``sparta_pretrained_model``
+      (the package's loaders read the base from it).
+    config: the base model's Hugging Face config as a dict (the package writes
+      the model config there); ``{}`` if not given.
+    torch_name: our path -> torch parameter name.
+    to_torch_layout: our array -> torch layout (a permutation of the entries).
+
+  Returns:
+    The path of the written ``sparse_deltas.safetensors``.
+
+  Example: see the module docstring.
+  """
+  if not isinstance(delta, SparseDelta):
+    raise TypeError(f"export_peft_sparta expects a SparseDelta, got {type(delta).__name__}.")
+  out_dir = _files.absolute(directory)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  flat, mask_def = jax.tree_util.tree_flatten_with_path(delta.mask, is_leaf=is_leaf_mask)
+  values = mask_def.flatten_up_to(delta.values)
+  names = {path_str(p): torch_name(path_str(p)) for p, _ in flat}
+  _check_names(names)
+  tensors: dict[str, np.ndarray] = {}
+  for (p, m), v in zip(flat, values):
+    path = path_str(p)
+    layout = _Layout(path, m.shape, to_torch_layout)
+    name = names[path]
+    if m.kind == FROZEN:
+      coords = np.zeros((0, len(layout.torch_shape)), np.int32)
+      deltas = np.zeros((0,), np.float32)
+    elif m.kind == FULL:
+      deltas = layout.to_torch(np.asarray(v, np.float32)).reshape(-1)
+      coords = _coords(np.arange(m.size), layout.torch_shape)
+    else:
+      torch_flat = layout.torch_flat(np.asarray(m.indices))
+      order = np.argsort(torch_flat, kind="stable")
+      coords = _coords(torch_flat[order], layout.torch_shape)
+      deltas = np.asarray(v, np.float32)[order]
+    tensors[f"indices.{name}"] = np.ascontiguousarray(coords)
+    tensors[f"deltas.{name}"] = np.ascontiguousarray(deltas)
+  target = out_dir / SPARSE_DELTAS_FILE
+  tmp = out_dir / f".{SPARSE_DELTAS_FILE}.tmp"
+  safetensors.numpy.save_file(tensors, str(tmp), metadata={"format": "pt"})
+  os.replace(tmp, target)
+  cfg = dict(config or {})
+  cfg["sparta_pretrained_model"] = base_model
+  _files.write_json(out_dir / "config.json", cfg)
+  return target
+
+
+def import_peft_sparta(
+    directory: str | os.PathLike,
+    like_params: Any,
+    *,
+    torch_name: Callable[[str], str] = default_torch_name,
+    to_torch_layout: Callable[[str, Any], np.ndarray] = default_to_torch_layout,
+    path_of_torch_name: Callable[[str], str] | None = None,
+) -> SparseDelta:
+  """Reads the SpaRTA PyTorch package's ``sparse_deltas.safetensors`` as a :class:`~spra_jax.SparseDelta`.
+
+  Args:
+    directory: the adapter directory (or the ``.safetensors`` file itself).
+    like_params: our parameter tree (arrays or ``jax.ShapeDtypeStruct``); it
+      gives the delta's structure and each leaf's shape.
+    torch_name: our path -> torch name; its inverse over ``like_params``'s
+      leaves maps the file's names back.
+    to_torch_layout: our array -> torch layout, as for export.
+    path_of_torch_name: an explicit inverse (torch name -> our path), used
+      instead of inverting ``torch_name``.
+
+  Returns:
+    The delta: leaves with every coordinate become full leaves, leaves with none
+    or missing from the file frozen, the rest sparse (indices sorted, values
+    float32 reordered to match).
+
+  Raises:
+    FileNotFoundError: no ``sparse_deltas.safetensors``.
+    ValueError: a torch name that maps to no leaf while carrying entries,
+      coordinates out of range or repeated, or indices/deltas of different lengths.
+  """
+  path_in = _files.absolute(directory)
+  file = path_in if path_in.is_file() else path_in / SPARSE_DELTAS_FILE
+  if not file.is_file():
+    raise FileNotFoundError(f"no {SPARSE_DELTAS_FILE} in {path_in}.")
+  try:
+    tensors = safetensors.numpy.load_file(str(file))
+  except Exception as e:  # safetensors raises its own error type for truncated files.
+    raise ValueError(f"{file} is truncated or corrupted: {e}") from e
+  indices, deltas = {}, {}
+  for key, t in tensors.items():
+    if key.startswith("indices."):
+      indices[key[len("indices."):]] = t
+    elif key.startswith("deltas."):
+      deltas[key[len("deltas."):]] = t
+    else:
+      raise ValueError(f"{file} has the key {key!r}; expected 'indices.<name>' and 'deltas.<name>' only.")
+  if set(indices) != set(deltas):
+    unpaired = sorted(set(indices) ^ set(deltas))
+    raise ValueError(f"{file}: names with indices but no deltas or the reverse: {unpaired[:6]}.")
+
+  flat, treedef = jax.tree_util.tree_flatten_with_path(like_params)
+  paths = [path_str(p) for p, _ in flat]
+  shapes = {path_str(p): tuple(int(d) for d in np.shape(x)) for p, x in flat}
+  if path_of_torch_name is None:
+    forward = {path: torch_name(path) for path in paths}
+    _check_names(forward)
+    lookup = {name: path for path, name in forward.items()}
+  else:
+    lookup = {}
+    for name in indices:
+      lookup[name] = path_of_torch_name(name)
+  unknown = [n for n in indices if lookup.get(n) not in shapes and indices[n].shape[0] > 0]
+  if unknown:
+    raise ValueError(f"{file} has entries for torch names that match no parameter leaf: {unknown[:6]}.")
+
+  masks, values = {}, {}
+  for name, coords in indices.items():
+    path = lookup.get(name)
+    if path not in shapes:
+      continue  # an empty entry for a parameter we do not have (e.g. a buffer)
+    shape = shapes[path]
+    layout = _Layout(path, shape, to_torch_layout)
+    coords = np.asarray(coords)
+    vals = np.asarray(deltas[name], np.float32).reshape(-1)
+    if coords.ndim != 2 or coords.shape[0] != vals.shape[0] or coords.shape[1] != len(layout.torch_shape):
+      raise ValueError(
+          f"{file}: {name!r} has indices of shape {list(coords.shape)} and {vals.shape[0]} deltas; expected "
+          f"[k, {len(layout.torch_shape)}] coordinates into torch shape {list(layout.torch_shape)} and k deltas."
+      )
+    k = coords.shape[0]
+    if k == 0:
+      masks[path], values[path] = LeafMask.frozen(shape), None
+      continue
+    if np.any(coords < 0) or np.any(coords >= np.asarray(layout.torch_shape)):
+      raise ValueError(f"{file}: {name!r} has coordinates outside the torch shape {list(layout.torch_shape)}.")
+    if coords.shape[1]:
+      torch_flat = np.ravel_multi_index(tuple(coords.T.astype(np.int64)), layout.torch_shape)
+    else:  # a scalar parameter
+      torch_flat = np.zeros(k, np.int64)
+    ours = layout.ours_flat(torch_flat)
+    order = np.argsort(ours, kind="stable")
+    ours, vals = ours[order], vals[order]
+    if np.any(np.diff(ours) == 0):
+      raise ValueError(f"{file}: {name!r} lists a coordinate more than once.")
+    size = math.prod(shape)
+    if k == size:
+      masks[path], values[path] = LeafMask.full(shape), jnp.asarray(vals.reshape(shape))
+    else:
+      masks[path], values[path] = LeafMask.sparse(shape, jnp.asarray(ours.astype(np.int32))), jnp.asarray(vals)
+  mask_leaves = [masks.get(p, LeafMask.frozen(shapes[p])) for p in paths]
+  value_leaves = [values.get(p) for p in paths]
+  return SparseDelta(treedef.unflatten(mask_leaves), treedef.unflatten(value_leaves))
+
+
+# --------------------------------------------------------------------------
+# Merged export.
+# --------------------------------------------------------------------------
+
+
+def _merged_leaf(x: Any, m: LeafMask | None, v: Any) -> Any:
+  if m is None or m.kind == FROZEN:
+    return x
+  return merge({"x": x}, SparseDelta({"x": m}, {"x": v}))["x"]
+
+
+def export_merged(
+    directory: str | os.PathLike,
+    params: Any,
+    delta: SparseDelta | None = None,
+    *,
+    config: Mapping[str, Any],
+    torch_name: Callable[[str], str] = default_torch_name,
+    to_torch_layout: Callable[[str, Any], np.ndarray] = default_to_torch_layout,
+    exclude: str | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+    overwrite: bool = False,
+) -> Path:
+  """Writes ``params`` (plus ``delta``, merged) as a Hugging Face checkpoint loadable by transformers.
+
+  The directory gets ``config.json`` and ``model.safetensors`` in torch names
+  and layout, each leaf in its own dtype; above ``max_shard_bytes`` the weights
+  are split into ``model-0000i-of-0000n.safetensors`` files with a
+  ``model.safetensors.index.json``, as ``save_pretrained`` does. Leaves are
+  merged and converted one at a time, so host memory peaks at about one shard.
+
+  Args:
+    directory: the output directory; it must not exist unless ``overwrite``.
+    params: the base parameters (or already merged ones with ``delta=None``).
+    delta: a delta to merge into ``params`` first (exactly as :func:`spra.merge`).
+    config: the model's Hugging Face config as a dict (``config.to_dict()``).
+    torch_name: our path -> torch name.
+    to_torch_layout: our array -> torch layout.
+    exclude: regex of paths not to write (e.g. integer buffers).
+    max_shard_bytes: the largest shard.
+    overwrite: replace an existing directory (atomically, as :func:`save_adapter`).
+
+  Returns:
+    The absolute output path.
+
+  Example:
+
+    >>> import tempfile, os, json, jax.numpy as jnp
+    >>> d = os.path.join(tempfile.mkdtemp(), 'merged')
+    >>> _ = export_merged(d, {'lm': {'kernel': jnp.ones((4, 2))}}, config={'model_type': 'toy'})
+    >>> sorted(os.listdir(d))
+    ['config.json', 'model.safetensors']
+    >>> import safetensors.numpy; safetensors.numpy.load_file(f'{d}/model.safetensors')['lm.weight'].shape
+    (2, 4)
+  """
+  if not isinstance(config, Mapping):
+    raise TypeError(f"config must be a dict (e.g. hf_config.to_dict()), got {type(config).__name__}.")
+  if max_shard_bytes <= 0:
+    raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}.")
+  final = _files.absolute(directory)
+  if final.exists() and not overwrite:
+    raise FileExistsError(f"{final} already exists; pass overwrite=True to replace it.")
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  if delta is not None:
+    if not isinstance(delta, SparseDelta):
+      raise TypeError(f"delta must be a SparseDelta or None, got {type(delta).__name__}.")
+    if jax.tree.structure(delta.mask, is_leaf=is_leaf_mask) != treedef:
+      raise ValueError("delta's mask does not have the structure of params.")
+    leaf_masks = treedef.flatten_up_to(delta.mask)
+    leaf_values = treedef.flatten_up_to(delta.values)
+  else:
+    leaf_masks = leaf_values = [None] * len(flat)
+  skip = re.compile(exclude) if exclude else None
+  items = []
+  for (p, x), m, v in zip(flat, leaf_masks, leaf_values):
+    path = path_str(p)
+    if skip is not None and skip.search(path):
+      continue
+    nbytes = math.prod(np.shape(x)) * np.dtype(x.dtype).itemsize
+    items.append((path, torch_name(path), x, m, v, nbytes))
+  _check_names({it[0]: it[1] for it in items})
+
+  shards: list[list[tuple]] = [[]]
+  size = 0
+  for it in items:
+    if shards[-1] and size + it[5] > max_shard_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append(it)
+    size += it[5]
+
+  tmp = _files.temporary_sibling(final, "tmp")
+  try:
+    n = len(shards)
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+      fname = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+      tensors = {}
+      for path, name, x, m, v, _ in shard:
+        host = np.asarray(jax.device_get(_merged_leaf(x, m, v)))
+        tensors[name] = np.ascontiguousarray(_Layout(path, host.shape, to_torch_layout).to_torch(host))
+        weight_map[name] = fname
+      safetensors.numpy.save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+      del tensors
+    if n > 1:
+      index = {"metadata": {"total_size": sum(it[5] for it in items)}, "weight_map": dict(sorted(weight_map.items()))}
+      _files.write_json(tmp / "model.safetensors.index.json", index)
+    _files.write_json(tmp / "config.json", json.loads(json.dumps(dict(config), default=str)))
+    _files.publish(tmp, final, overwrite=overwrite)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return final

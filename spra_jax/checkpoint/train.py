@@ -1,0 +1,370 @@
+"""Resumable training checkpoints on ``orbax.checkpoint.CheckpointManager``.
+
+:class:`TrainCheckpointer` saves, per step, any pytree of training state (the
+parameters or a :class:`~spra_jax.SparseDelta`, the optimizer state, including
+``spra.masked``'s :class:`~spra_jax.SparseMaskedState` with its mask indices,
+and :class:`~spra_jax.LeanState`), plus the step, the data position, an RNG key
+and JSON metadata. Saves are asynchronous: ``save`` returns once the arrays are
+on the host, and Orbax writes them in the background; a retention policy keeps
+the last ``max_to_keep`` checkpoints and, with ``keep_every_n_steps``, every
+n-th for good.
+
+A ``LeanState`` is stored leanly: its weights are the frozen base everywhere
+but at the mask, so only the k trained entries of ``params`` are written, and
+``restore`` writes them back into ``base_params``. That is bit-exact (the
+entries are copied, not recomputed as base + delta).
+
+Resume is exact: Orbax writes each step into a temporary directory and renames
+it when complete, so a run killed at any moment (even by SIGKILL) leaves the
+previous checkpoints intact, and ``restore`` of the latest step continues with
+bit-identical numbers.
+
+Example:
+
+  >>> import tempfile, jax, jax.numpy as jnp, optax
+  >>> import spra_jax as spra
+  >>> params = {'w': jnp.ones((8, 8))}
+  >>> tx = spra.masked(optax.adam(1e-2), density=0.25, key=0)
+  >>> state = {'params': params, 'opt_state': tx.init(params)}
+  >>> with spra.checkpoint.TrainCheckpointer(tempfile.mkdtemp(), max_to_keep=2) as ckpt:
+  ...   for step in range(1, 4):
+  ...     _ = ckpt.save(step, state, data_position={'epoch': 0, 'batch': step}, rng=jax.random.key(step))
+  ...   ckpt.wait_until_finished()
+  ...   restored = ckpt.restore(state)
+  >>> restored.step, restored.data_position, ckpt.all_steps()
+  (3, {'epoch': 0, 'batch': 3}, [2, 3])
+  >>> bool((jax.random.key_data(restored.rng) == jax.random.key_data(jax.random.key(3))).all())
+  True
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Mapping
+from typing import Any, NamedTuple, Self
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from spra_jax import compact
+from spra_jax.checkpoint import _files
+from spra_jax.lean import LeanState
+from spra_jax.masks import FROZEN, FULL, LeafMask, validate
+
+__all__ = ["TrainCheckpoint", "TrainCheckpointer", "trained_entries", "with_trained_entries"]
+
+
+def trained_entries(params: Any, mask: Any) -> Any:
+  """The current values of ``params`` at the mask's entries (a compact tree, O(k)).
+
+  With :func:`with_trained_entries` this stores a SpaRTA model's weights in
+  O(k): everything outside the mask is the frozen base.
+
+  Example:
+
+    >>> import jax.numpy as jnp
+    >>> from spra_jax.masks import LeafMask
+    >>> trained_entries({'w': jnp.arange(4.)}, {'w': LeafMask.sparse((4,), jnp.array([1, 3], jnp.int32))})
+    {'w': Array([1., 3.], dtype=float32)}
+  """
+  return compact.gather(params, mask)
+
+
+def _write_leaf(m: LeafMask, base: Any, entries: Any) -> Any:
+  if m.kind == FROZEN:
+    return base
+  if m.kind == FULL:
+    return jnp.asarray(entries, base.dtype).reshape(m.shape)
+  flat = jnp.reshape(base, (-1,)).at[m.indices].set(jnp.asarray(entries, base.dtype), **compact.INDEX_HINTS)
+  return flat.reshape(m.shape)
+
+
+def with_trained_entries(base_params: Any, mask: Any, entries: Any) -> Any:
+  """``base_params`` with the mask's entries set to ``entries`` (inverse of :func:`trained_entries`).
+
+  The values are copied, so the result is bit-identical to the parameters
+  ``entries`` were taken from wherever those equal the base outside the mask.
+
+  Example:
+
+    >>> import jax.numpy as jnp
+    >>> from spra_jax.masks import LeafMask
+    >>> m = {'w': LeafMask.sparse((4,), jnp.array([1, 3], jnp.int32))}
+    >>> with_trained_entries({'w': jnp.zeros(4)}, m, {'w': jnp.array([5., 6.])})['w'].tolist()
+    [0.0, 5.0, 0.0, 6.0]
+  """
+  validate(mask, base_params, check_indices=False)
+  return compact.map_leaves(_write_leaf, mask, base_params, entries)
+
+
+class TrainCheckpoint(NamedTuple):
+  """What :meth:`TrainCheckpointer.restore` returns.
+
+  Attributes:
+    step: the step the checkpoint was saved at.
+    state: the training state, with the structure of the ``like`` tree.
+    data_position: the data position saved with it (any JSON value), or None.
+    rng: the PRNG key saved with it (typed or legacy, as saved), or None.
+    metadata: the JSON metadata saved with it (``{}`` if none).
+  """
+
+  step: int
+  state: Any
+  data_position: Any
+  rng: Any
+  metadata: dict[str, Any]
+
+
+def _is_lean(x: Any) -> bool:
+  return isinstance(x, LeanState)
+
+
+def _is_key(x: Any) -> bool:
+  dtype = getattr(x, "dtype", None)
+  return dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _compact_lean(state: Any) -> Any:
+  def one(x: Any) -> Any:
+    return x._replace(params=trained_entries(x.params, x.delta.mask)) if _is_lean(x) else x
+
+  return jax.tree.map(one, state, is_leaf=_is_lean)
+
+
+def _key_impl(x: Any) -> str:
+  """The PRNG implementation's name of a typed key array or ShapeDtypeStruct ('' for other leaves)."""
+  if not _is_key(x):
+    return ""
+  return str(jax.random.key_impl(x)) if isinstance(x, jax.Array) else x.dtype._impl.name
+
+
+def _storable(state: Any) -> Any:
+  """The tree Orbax writes: LeanState weights as their trained entries, typed keys as their key data."""
+
+  def key_data(x: Any) -> Any:
+    if not _is_key(x):
+      return x
+    if isinstance(x, jax.ShapeDtypeStruct):
+      data = jax.eval_shape(jax.random.key_data, x)
+      return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=x.sharding)
+    return jax.random.key_data(x)
+
+  return jax.tree.map(key_data, _compact_lean(state))
+
+
+def _unstorable(restored: Any, like: Any) -> Any:
+  """Wraps key data back into typed keys where ``like`` has them (LeanState weights stay compact)."""
+  impls = jax.tree.map(_key_impl, _compact_lean(like))
+  return jax.tree.map(lambda r, impl: jax.random.wrap_key_data(r, impl=impl) if impl else r, restored, impls)
+
+
+def _abstract(x: Any, sharding: Any = None) -> jax.ShapeDtypeStruct:
+  sharding = sharding if sharding is not None else getattr(x, "sharding", None)
+  return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
+
+
+class TrainCheckpointer:
+  """Asynchronous, retained, resumable training checkpoints in one directory.
+
+  Args:
+    directory: the run's checkpoint directory (created if missing).
+    max_to_keep: how many of the latest checkpoints to keep (None: all).
+    keep_every_n_steps: also keep, for good, every checkpoint whose step is a
+      multiple of this (None: none).
+    save_interval_steps: :meth:`save` skips steps that are not multiples of
+      this (unless ``force=True``).
+    async_save: write in the background (``save`` returns once the arrays are
+      copied to the host; :meth:`wait_until_finished` waits for the files).
+
+  IMPORTANT: call :meth:`close` (or use the object as a context manager) so
+  that the last asynchronous save completes before the process exits. A save
+  that is interrupted leaves the earlier checkpoints intact; Orbax removes its
+  unfinished temporary directory the next time the directory is opened.
+
+  Example: see the module docstring.
+  """
+
+  def __init__(
+      self,
+      directory: str | os.PathLike,
+      *,
+      max_to_keep: int | None = 3,
+      keep_every_n_steps: int | None = None,
+      save_interval_steps: int = 1,
+      async_save: bool = True,
+  ):
+    for name, value in (("max_to_keep", max_to_keep), ("keep_every_n_steps", keep_every_n_steps)):
+      if value is not None and (not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be a positive int or None, got {value!r}.")
+    if not isinstance(save_interval_steps, int) or save_interval_steps < 1:
+      raise ValueError(f"save_interval_steps must be a positive int, got {save_interval_steps!r}.")
+    self.directory = _files.absolute(directory)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep,
+        keep_period=keep_every_n_steps,
+        save_interval_steps=save_interval_steps,
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True,
+    )
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  # -- queries --------------------------------------------------------------
+
+  def all_steps(self) -> list[int]:
+    """Steps of the finished checkpoints, ascending."""
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    """The newest finished checkpoint's step, or None."""
+    return self._manager.latest_step()
+
+  # -- saving ---------------------------------------------------------------
+
+  def save(
+      self,
+      step: int,
+      state: Any,
+      *,
+      data_position: Any = None,
+      rng: Any = None,
+      metadata: Mapping[str, Any] | None = None,
+      force: bool = False,
+  ) -> bool:
+    """Starts saving ``state`` as checkpoint ``step``; returns whether it saves.
+
+    Args:
+      step: the training step (an int; checkpoints are ordered by it).
+      state: any pytree of arrays: params or a delta, optimizer state
+        (``SparseMaskedState`` included), ``LeanState`` (stored as its trained
+        entries, see the module docstring), typed PRNG keys.
+      data_position: where the data stream stands (any JSON value, e.g.
+        ``{'epoch': 1, 'batch': 1234}``).
+      rng: a PRNG key to resume the run's randomness from.
+      metadata: other JSON metadata (e.g. the config of the run).
+      force: save even if ``step`` is not a multiple of ``save_interval_steps``.
+
+    Returns:
+      False if the step was skipped by ``save_interval_steps``.
+
+    The arrays are copied to the host before ``save`` returns, so the caller
+    may donate or overwrite ``state`` right away.
+    """
+    step = int(step)
+    meta = {
+        "library_version": importlib.import_module("spra_jax").__version__,
+        "data_position": data_position,
+        "metadata": dict(metadata or {}),
+        "rng": None,
+    }
+    tree = {"state": _storable(state)}
+    if rng is not None:
+      typed = _is_key(rng)
+      meta["rng"] = {"typed": bool(typed), "impl": str(jax.random.key_impl(rng)) if typed else None}
+      tree["rng"] = jax.random.key_data(rng) if typed else jnp.asarray(rng)
+    try:
+      return self._manager.save(
+          step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)), force=force
+      )
+    except TypeError as e:
+      raise TypeError(f"checkpoint metadata must be JSON-able (data_position, metadata): {e}") from e
+
+  def wait_until_finished(self) -> None:
+    """Blocks until the pending asynchronous save is on disk."""
+    self._manager.wait_until_finished()
+
+  # -- restoring ------------------------------------------------------------
+
+  def restore(
+      self,
+      like: Any,
+      *,
+      step: int | None = None,
+      base_params: Any = None,
+      shardings: Any = None,
+  ) -> TrainCheckpoint:
+    """Restores checkpoint ``step`` (default: the latest) into ``like``'s structure.
+
+    Args:
+      like: the state as the run builds it before training (arrays or
+        ``jax.ShapeDtypeStruct``, e.g. from ``jax.eval_shape``). Its structure,
+        shapes and dtypes must match the saved state; masks inside it (in a
+        ``SparseMaskedState`` or a delta) only need the right number of entries
+        per leaf: their indices come from the checkpoint.
+      step: which checkpoint; default the latest.
+      base_params: the frozen base weights, needed when ``like`` holds a
+        ``LeanState`` (its trained entries are written into a copy of them).
+      shardings: one ``jax.sharding.Sharding`` for every array, or a tree with
+        ``like``'s structure of them (mask indices included) (default: each ``like`` array's own sharding,
+        or the default device for ``ShapeDtypeStruct`` without one). Orbax
+        reshards, so a checkpoint saved on 8 devices restores onto 1 or 4.
+
+    Raises:
+      FileNotFoundError: no checkpoint in the directory (or not ``step``).
+      ValueError: ``like`` holds a ``LeanState`` and ``base_params`` is missing.
+    """
+    steps = self.all_steps()
+    if step is None:
+      if not steps:
+        raise FileNotFoundError(f"no finished checkpoint in {self.directory}.")
+      step = steps[-1]
+    elif int(step) not in steps:
+      raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; it has steps {steps}.")
+    step = int(step)
+    has_lean = any(_is_lean(x) for x in jax.tree.leaves(like, is_leaf=_is_lean))
+    if has_lean and base_params is None:
+      raise ValueError(
+          "like holds a LeanState, whose weights are checkpointed as the trained entries only; pass "
+          "base_params= (the frozen base weights) to rebuild them."
+      )
+
+    meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    if shardings is None:
+      abstract_state = jax.tree.map(_abstract, like)
+    elif isinstance(shardings, jax.sharding.Sharding):
+      abstract_state = jax.tree.map(lambda x: _abstract(x, shardings), like)
+    else:
+      abstract_state = jax.tree.map(_abstract, like, shardings)
+    abstract = {"state": _storable(abstract_state)}
+    rng_info = meta.get("rng")
+    if rng_info is not None:
+      if rng_info["typed"]:
+        data = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0, impl=rng_info["impl"])))
+      else:
+        data = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+      abstract["rng"] = jax.ShapeDtypeStruct(data.shape, data.dtype)
+    try:
+      tree = self._manager.restore(
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+      ).state
+    except ValueError as e:
+      raise ValueError(f"checkpoint {step} in {self.directory} does not fit the like tree: {e}") from e
+
+    state = _unstorable(tree["state"], abstract_state)
+    if has_lean:
+      state = jax.tree.map(
+          lambda x: x._replace(params=with_trained_entries(base_params, x.delta.mask, x.params)) if _is_lean(x) else x,
+          state,
+          is_leaf=_is_lean,
+      )
+    rng = None
+    if rng_info is not None:
+      rng = jax.random.wrap_key_data(tree["rng"], impl=rng_info["impl"]) if rng_info["typed"] else tree["rng"]
+    return TrainCheckpoint(step, state, meta.get("data_position"), rng, meta.get("metadata") or {})
+
+  # -- lifetime -------------------------------------------------------------
+
+  def close(self) -> None:
+    """Waits for pending saves and releases the manager."""
+    self._manager.close()
+
+  def __enter__(self) -> Self:
+    return self
+
+  def __exit__(self, *exc: object) -> None:
+    self.close()
+
+  def __repr__(self) -> str:
+    return f"TrainCheckpointer({str(self.directory)!r}, steps={self.all_steps()})"
