@@ -1,0 +1,7 @@
+"""``python -m spra_jax finetune ...``: the same as the ``spra-jax`` command."""
+
+import sys
+
+from spra_jax.cli import main
+
+sys.exit(main())
