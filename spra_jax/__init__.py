@@ -11,7 +11,7 @@ See ``spra.masked`` (the Optax transformation), ``spra.sample_mask`` and
 ``spra.masks`` (mask distributions), and ``spra.SparseDelta`` (adapters).
 """
 
-from spra_jax import compact, masks, nnx
+from spra_jax import compact, masks, models, nnx
 from spra_jax.delta import (
     SparseDelta,
     add_deltas,
@@ -51,6 +51,7 @@ __all__ = [
     "masked",
     "masks",
     "merge",
+    "models",
     "nnx",
     "num_trainable",
     "sample_mask",

@@ -1,0 +1,249 @@
+"""Lazy tensor sources: read one checkpoint tensor at a time.
+
+A *tensor source* is a ``Mapping[str, LazyTensor]`` keyed by the Hugging Face
+torch names (``encoder.layer.0.attention.self.query.weight``), in torch layout
+(``[out, in]`` for Linear weights). A :class:`LazyTensor` knows its shape and
+dtype from the file header and reads its bytes only when called, so loading a
+model holds at most one tensor beyond the model itself.
+
+:func:`open_safetensors` opens a ``model.safetensors`` file, a directory that
+holds one, or a sharded checkpoint (``model.safetensors.index.json`` plus its
+shards). bfloat16 tensors come back as ``ml_dtypes.bfloat16`` arrays.
+
+Example:
+
+  >>> import os, tempfile
+  >>> import numpy as np
+  >>> from safetensors.numpy import save_file
+  >>> from spra_jax.models._io import open_safetensors
+  >>> folder = tempfile.mkdtemp()
+  >>> save_file({'dense.weight': np.ones((3, 2), np.float32)}, os.path.join(folder, 'model.safetensors'))
+  >>> tensors = open_safetensors(folder)
+  >>> t = tensors['dense.weight']
+  >>> t.shape, t.dtype, float(t().sum())
+  ((3, 2), dtype('float32'), 6.0)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import ml_dtypes
+import numpy as np
+
+__all__ = ["LazyTensor", "SafetensorsTensor", "SafetensorsSource", "open_safetensors"]
+
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+# safetensors' dtype codes -> numpy dtypes (numpy has no bfloat16 or float8: ml_dtypes provides them).
+_DTYPES = {
+    "BOOL": np.dtype(np.bool_),
+    "U8": np.dtype(np.uint8),
+    "I8": np.dtype(np.int8),
+    "U16": np.dtype(np.uint16),
+    "I16": np.dtype(np.int16),
+    "U32": np.dtype(np.uint32),
+    "I32": np.dtype(np.int32),
+    "U64": np.dtype(np.uint64),
+    "I64": np.dtype(np.int64),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F32": np.dtype(np.float32),
+    "F64": np.dtype(np.float64),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+}
+
+
+@runtime_checkable
+class LazyTensor(Protocol):
+  """One checkpoint tensor that is read (or dequantised) only when called.
+
+  Any object with ``shape`` (a tuple of ints), ``dtype`` (a numpy dtype) and
+  ``__call__() -> np.ndarray`` fits; the array is in torch layout.
+  """
+
+  @property
+  def shape(self) -> tuple[int, ...]: ...
+
+  @property
+  def dtype(self) -> np.dtype: ...
+
+  def __call__(self) -> np.ndarray: ...
+
+
+class SafetensorsTensor:
+  """A tensor of a ``.safetensors`` file, read on each call.
+
+  The file is opened for the one read and closed again, so no memory map
+  outlives the call.
+
+  Example:
+
+    >>> import os, tempfile
+    >>> import numpy as np
+    >>> from safetensors.numpy import save_file
+    >>> path = os.path.join(tempfile.mkdtemp(), 'model.safetensors')
+    >>> save_file({'w': np.arange(4, dtype=np.int64)}, path)
+    >>> t = SafetensorsTensor(path, 'w', (4,), np.dtype(np.int64))
+    >>> t().tolist()
+    [0, 1, 2, 3]
+  """
+
+  __slots__ = ("path", "name", "shape", "dtype")
+
+  def __init__(self, path: str | os.PathLike, name: str, shape: tuple[int, ...], dtype: np.dtype):
+    self.path = str(path)
+    self.name = name
+    self.shape = tuple(int(d) for d in shape)
+    self.dtype = np.dtype(dtype)
+
+  def __call__(self) -> np.ndarray:
+    from safetensors import safe_open
+
+    with safe_open(self.path, framework="numpy") as f:
+      array = f.get_tensor(self.name)
+    if array.shape != self.shape:
+      raise ValueError(f"{self.path}: tensor {self.name!r} has shape {array.shape}, its header says {self.shape}.")
+    return array
+
+  def __repr__(self) -> str:
+    return f"SafetensorsTensor({self.name!r}, shape={self.shape}, dtype={self.dtype})"
+
+
+class SafetensorsSource(Mapping):
+  """A read-only mapping from tensor names to :class:`SafetensorsTensor`.
+
+  Only the headers are read when it is built. ``files`` lists the shard paths.
+
+  Example:
+
+    >>> import os, tempfile
+    >>> import numpy as np
+    >>> from safetensors.numpy import save_file
+    >>> path = os.path.join(tempfile.mkdtemp(), 'model.safetensors')
+    >>> save_file({'a': np.zeros(2, np.float32), 'b': np.zeros(3, np.float32)}, path)
+    >>> source = open_safetensors(path)
+    >>> sorted(source), len(source.files)
+    (['a', 'b'], 1)
+  """
+
+  def __init__(self, tensors: dict[str, SafetensorsTensor], files: list[str]):
+    self._tensors = tensors
+    self.files = files
+
+  def __getitem__(self, name: str) -> SafetensorsTensor:
+    return self._tensors[name]
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(self._tensors)
+
+  def __len__(self) -> int:
+    return len(self._tensors)
+
+  @property
+  def nbytes(self) -> int:
+    """Total bytes of the tensors (as stored)."""
+    return sum(t.dtype.itemsize * int(np.prod(t.shape)) for t in self._tensors.values())
+
+  def __repr__(self) -> str:
+    return f"SafetensorsSource({len(self)} tensors in {len(self.files)} file(s))"
+
+
+def _read_header(path: Path) -> dict[str, SafetensorsTensor]:
+  from safetensors import SafetensorError, safe_open
+
+  try:
+    with safe_open(str(path), framework="numpy") as f:
+      header = {name: (tuple(f.get_slice(name).get_shape()), f.get_slice(name).get_dtype()) for name in f.keys()}
+  except (OSError, SafetensorError) as err:
+    raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
+  out = {}
+  for name, (shape, code) in header.items():
+    if code not in _DTYPES:
+      raise ValueError(f"{path}: tensor {name!r} has dtype {code}, which this reader does not support "
+                       f"(supported: {', '.join(_DTYPES)}).")
+    out[name] = SafetensorsTensor(path, name, shape, _DTYPES[code])
+  return out
+
+
+def _listing(folder: Path) -> str:
+  names = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+  return ", ".join(names) if names else "nothing"
+
+
+def open_safetensors(directory_or_file: str | os.PathLike) -> SafetensorsSource:
+  """Opens a safetensors checkpoint lazily: headers now, tensors when called.
+
+  Args:
+    directory_or_file: a ``.safetensors`` file, a ``model.safetensors.index.json``
+      file, or a directory holding ``model.safetensors`` or a sharded index
+      (the index wins when both are present).
+
+  Returns:
+    A :class:`SafetensorsSource` mapping torch names to lazy tensors.
+
+  Raises:
+    FileNotFoundError: when no checkpoint is found; the message lists what the
+      directory holds.
+    ValueError: for an unreadable file or an index naming a missing shard.
+
+  Example:
+
+    >>> import json, os, tempfile
+    >>> import numpy as np
+    >>> from safetensors.numpy import save_file
+    >>> folder = tempfile.mkdtemp()
+    >>> save_file({'a': np.ones(2, np.float32)}, os.path.join(folder, 'model-00001-of-00002.safetensors'))
+    >>> save_file({'b': np.ones(3, np.float32)}, os.path.join(folder, 'model-00002-of-00002.safetensors'))
+    >>> index = {'weight_map': {'a': 'model-00001-of-00002.safetensors', 'b': 'model-00002-of-00002.safetensors'}}
+    >>> with open(os.path.join(folder, 'model.safetensors.index.json'), 'w') as f:
+    ...   json.dump(index, f)
+    >>> source = open_safetensors(folder)
+    >>> {name: t.shape for name, t in source.items()}
+    {'a': (2,), 'b': (3,)}
+  """
+  path = Path(directory_or_file).expanduser()
+  if path.is_dir():
+    if (path / SAFETENSORS_INDEX).is_file():
+      path = path / SAFETENSORS_INDEX
+    elif (path / SAFETENSORS_FILE).is_file():
+      path = path / SAFETENSORS_FILE
+    else:
+      shards = sorted(path.glob("*.safetensors"))
+      if len(shards) != 1:
+        raise FileNotFoundError(
+            f"{path} holds neither {SAFETENSORS_FILE} nor {SAFETENSORS_INDEX}"
+            + (f" (and {len(shards)} other .safetensors files, ambiguous without an index)" if shards else "")
+            + f"; it holds: {_listing(path)}."
+        )
+      path = shards[0]
+  elif not path.is_file():
+    raise FileNotFoundError(f"no such checkpoint file: {path} (its folder holds: {_listing(path.parent)}).")
+
+  if path.name.endswith(".json"):
+    with open(path) as f:
+      try:
+        weight_map = json.load(f)["weight_map"]
+      except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not a safetensors index (expected a JSON object with 'weight_map').") from err
+    tensors: dict[str, SafetensorsTensor] = {}
+    files = sorted(set(weight_map.values()))
+    for shard in files:
+      shard_path = path.parent / shard
+      if not shard_path.is_file():
+        raise ValueError(f"{path} names the shard {shard!r}, which is missing; the folder holds: {_listing(path.parent)}.")
+      header = _read_header(shard_path)
+      wanted = [name for name, file in weight_map.items() if file == shard]
+      absent = [name for name in wanted if name not in header]
+      if absent:
+        raise ValueError(f"{path} places {absent[:5]} in {shard!r}, which does not hold them.")
+      tensors.update({name: header[name] for name in wanted})
+    return SafetensorsSource(tensors, [str(path.parent / s) for s in files])
+
+  return SafetensorsSource(_read_header(path), [str(path)])
