@@ -4,7 +4,9 @@ A *tensor source* is a ``Mapping[str, LazyTensor]`` keyed by the Hugging Face
 torch names (``encoder.layer.0.attention.self.query.weight``), in torch layout
 (``[out, in]`` for Linear weights). A :class:`LazyTensor` knows its shape and
 dtype from the file header and reads its bytes only when called, so loading a
-model holds at most one tensor beyond the model itself.
+model holds at most one tensor beyond the model itself. The reader parses the
+safetensors header itself and reads each tensor with one ``readinto`` into an
+aligned buffer (no memory map whose pages would count against the process).
 
 :func:`open_safetensors` opens a ``model.safetensors`` file, a directory that
 holds one, or a sharded checkpoint (``model.safetensors.index.json`` plus its
@@ -27,18 +29,20 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import ml_dtypes
 import numpy as np
 
-__all__ = ["LazyTensor", "SafetensorsTensor", "SafetensorsSource", "open_safetensors"]
+__all__ = ["LazyTensor", "SafetensorsTensor", "SafetensorsSource", "aligned_empty", "open_safetensors"]
 
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+_ALIGN = 64
 
 # safetensors' dtype codes -> numpy dtypes (numpy has no bfloat16 or float8: ml_dtypes provides them).
 _DTYPES = {
@@ -77,11 +81,31 @@ class LazyTensor(Protocol):
   def __call__(self) -> np.ndarray: ...
 
 
+def aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+  """An uninitialised C-contiguous array whose data starts on a 64-byte boundary.
+
+  ``jax.device_put`` on CPU can adopt such a buffer without copying it, so a
+  tensor read into one is never held twice.
+
+  Example:
+
+    >>> a = aligned_empty((3, 5), np.float32)
+    >>> a.shape, a.ctypes.data % 64, a.flags['C_CONTIGUOUS']
+    ((3, 5), 0, True)
+  """
+  dtype = np.dtype(dtype)
+  nbytes = math.prod(shape) * dtype.itemsize
+  raw = np.empty(nbytes + _ALIGN, np.uint8)
+  start = (-raw.ctypes.data) % _ALIGN
+  return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
 class SafetensorsTensor:
   """A tensor of a ``.safetensors`` file, read on each call.
 
-  The file is opened for the one read and closed again, so no memory map
-  outlives the call.
+  Each call opens the file, reads exactly this tensor's bytes into a fresh
+  64-byte-aligned array and closes the file. Nothing is memory-mapped, so the
+  process never holds the file's pages beside the copy.
 
   Example:
 
@@ -90,27 +114,32 @@ class SafetensorsTensor:
     >>> from safetensors.numpy import save_file
     >>> path = os.path.join(tempfile.mkdtemp(), 'model.safetensors')
     >>> save_file({'w': np.arange(4, dtype=np.int64)}, path)
-    >>> t = SafetensorsTensor(path, 'w', (4,), np.dtype(np.int64))
-    >>> t().tolist()
-    [0, 1, 2, 3]
+    >>> t = open_safetensors(path)['w']
+    >>> t().tolist(), t.shape, t.dtype
+    ([0, 1, 2, 3], (4,), dtype('int64'))
   """
 
-  __slots__ = ("path", "name", "shape", "dtype")
+  __slots__ = ("path", "name", "shape", "dtype", "offset")
 
-  def __init__(self, path: str | os.PathLike, name: str, shape: tuple[int, ...], dtype: np.dtype):
+  def __init__(self, path: str | os.PathLike, name: str, shape: tuple[int, ...], dtype: np.dtype, offset: int):
     self.path = str(path)
     self.name = name
     self.shape = tuple(int(d) for d in shape)
     self.dtype = np.dtype(dtype)
+    self.offset = int(offset)
+
+  @property
+  def nbytes(self) -> int:
+    return math.prod(self.shape) * self.dtype.itemsize
 
   def __call__(self) -> np.ndarray:
-    from safetensors import safe_open
-
-    with safe_open(self.path, framework="numpy") as f:
-      array = f.get_tensor(self.name)
-    if array.shape != self.shape:
-      raise ValueError(f"{self.path}: tensor {self.name!r} has shape {array.shape}, its header says {self.shape}.")
-    return array
+    out = aligned_empty(self.shape, self.dtype)
+    with open(self.path, "rb") as f:
+      f.seek(self.offset)
+      got = f.readinto(memoryview(out.reshape(-1).view(np.uint8)))
+    if got != self.nbytes:
+      raise ValueError(f"{self.path}: tensor {self.name!r} is truncated ({got} of {self.nbytes} bytes).")
+    return out
 
   def __repr__(self) -> str:
     return f"SafetensorsTensor({self.name!r}, shape={self.shape}, dtype={self.dtype})"
@@ -156,19 +185,36 @@ class SafetensorsSource(Mapping):
 
 
 def _read_header(path: Path) -> dict[str, SafetensorsTensor]:
-  from safetensors import SafetensorError, safe_open
-
-  try:
-    with safe_open(str(path), framework="numpy") as f:
-      header = {name: (tuple(f.get_slice(name).get_shape()), f.get_slice(name).get_dtype()) for name in f.keys()}
-  except (OSError, SafetensorError) as err:
-    raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
+  # The format: an 8-byte little-endian header length, a JSON header
+  # {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}, then the data.
+  size = path.stat().st_size
+  with open(path, "rb") as f:
+    head = f.read(8)
+    length = int.from_bytes(head, "little") if len(head) == 8 else -1
+    if not 2 <= length <= size - 8:
+      raise ValueError(f"{path} is not a safetensors file (bad header length).")
+    try:
+      header = json.loads(f.read(length))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+      raise ValueError(f"{path} is not a safetensors file (its header is not JSON).") from err
+  if not isinstance(header, dict):
+    raise ValueError(f"{path} is not a safetensors file (its header is not a JSON object).")
+  data_start = 8 + length
   out = {}
-  for name, (shape, code) in header.items():
+  for name, info in header.items():
+    if name == "__metadata__":
+      continue
+    try:
+      code, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
+    except (KeyError, TypeError, ValueError) as err:
+      raise ValueError(f"{path}: the header entry of {name!r} is malformed: {info!r}.") from err
     if code not in _DTYPES:
       raise ValueError(f"{path}: tensor {name!r} has dtype {code}, which this reader does not support "
                        f"(supported: {', '.join(_DTYPES)}).")
-    out[name] = SafetensorsTensor(path, name, shape, _DTYPES[code])
+    tensor = SafetensorsTensor(path, name, shape, _DTYPES[code], data_start + int(begin))
+    if int(end) - int(begin) != tensor.nbytes or data_start + int(end) > size:
+      raise ValueError(f"{path}: tensor {name!r} ({code}{list(shape)}) does not fit its byte range [{begin}, {end}).")
+    out[name] = tensor
   return out
 
 

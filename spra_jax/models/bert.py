@@ -39,6 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from spra_jax.models._io import aligned_empty
+
 __all__ = [
     "MODEL_TYPES",
     "TASKS",
@@ -543,7 +545,13 @@ def load_weights(model: nnx.Module, tensors: Mapping[str, Any], *, strict: bool 
     array = tensor() if callable(tensor) else np.asarray(tensor)
     if path.endswith("/kernel"):
       array = array.T
-    var.set_value(jnp.asarray(array, dtype=var.dtype))
+    if array.dtype != var.dtype or not array.flags.c_contiguous or array.ctypes.data % 64:
+      # One host copy does layout and cast, into an aligned buffer that device_put can adopt
+      # without another copy (on CPU), so no tensor exists three times.
+      staged = aligned_empty(array.shape, var.dtype)
+      np.copyto(staged, array, casting="unsafe")
+      array = staged
+    var.set_value(jax.device_put(array))
     del array
   return sorted(missing)
 
