@@ -439,7 +439,7 @@ def torch_name(path: str) -> str:
 
 
 def to_torch_layout(path: str, array: Any) -> np.ndarray:
-  """Converts a parameter to torch layout: Linear kernels [in, out] -> weights [out, in].
+  """A parameter in torch layout (Linear kernels [in, out] -> weights [out, in]), as a new numpy array.
 
   Example:
 
@@ -453,8 +453,9 @@ def to_torch_layout(path: str, array: Any) -> np.ndarray:
   if path.split("/")[-1] == "kernel":
     if array.ndim != 2:
       raise ValueError(f"{path!r}: a Linear kernel must be 2-D, got shape {array.shape}.")
-    return np.ascontiguousarray(array.T)
-  return array
+    array = array.T
+  # A fresh, writable, C-contiguous copy (torch.from_numpy rejects read-only views of jax arrays).
+  return np.array(array, order="C", copy=True)
 
 
 def _candidates(name: str) -> list[str]:
