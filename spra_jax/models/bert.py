@@ -552,7 +552,8 @@ def load_weights(model: nnx.Module, tensors: Mapping[str, Any], *, strict: bool 
       staged = aligned_empty(array.shape, var.dtype)
       np.copyto(staged, array, casting="unsafe")
       array = staged
-    var.set_value(jax.device_put(array))
+    # Keep a sharding the (abstract) variable already carries, e.g. from nnx.eval_shape under a mesh.
+    var.set_value(jax.device_put(array, getattr(var.get_value(), "sharding", None)))
     del array
   return sorted(missing)
 

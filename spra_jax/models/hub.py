@@ -303,12 +303,25 @@ def from_pretrained(
     ValueError: an unknown architecture or task, or a checkpoint that does not
       fit the config (the message names the tensor).
 
-  Example:
+  Example (a tiny BERT written to disk in HF's format, then loaded with a new head):
 
-    >>> import spra_jax as spra
-    >>> model, tokenizer = spra.models.from_pretrained('minilm', task='sequence-classification', num_labels=3)
-    >>> type(model).__name__, model.classifier.kernel.shape
-    ('BertForSequenceClassification', (384, 3))
+    >>> import json, os, tempfile
+    >>> from flax import nnx
+    >>> from safetensors.numpy import save_file
+    >>> from spra_jax.masks import path_str
+    >>> from spra_jax.models import bert
+    >>> config = dict(model_type='bert', vocab_size=40, hidden_size=16, num_hidden_layers=1,
+    ...               num_attention_heads=2, intermediate_size=32, max_position_embeddings=8)
+    >>> source = bert.build(bert.config_from_hf(config), task='base', rngs=nnx.Rngs(0))
+    >>> flat = jax.tree_util.tree_flatten_with_path(nnx.state(source, nnx.Param))[0]
+    >>> folder = tempfile.mkdtemp()
+    >>> save_file({bert.torch_name(path_str(p)): bert.to_torch_layout(path_str(p), v) for p, v in flat},
+    ...           os.path.join(folder, 'model.safetensors'))
+    >>> with open(os.path.join(folder, 'config.json'), 'w') as f:
+    ...   json.dump(config, f)
+    >>> model, tokenizer = from_pretrained(folder, task='sequence-classification', num_labels=3)
+    >>> type(model).__name__, model.classifier.kernel.shape, tokenizer
+    ('BertForSequenceClassification', (16, 3), None)
   """
   path = resolve(name_or_path)
   dtype, param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
