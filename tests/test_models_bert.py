@@ -91,8 +91,10 @@ def test_parameter_paths_mirror_hf_module_names():
   paths = {path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]}
   for expected in ["bert/embeddings/word_embeddings/embedding", "bert/embeddings/token_type_embeddings/embedding",
                    "bert/embeddings/position_embeddings/embedding", "bert/embeddings/LayerNorm/scale",
-                   "bert/encoder/layer/1/attention/self/value/kernel", "bert/encoder/layer/1/attention/output/dense/bias",
-                   "bert/encoder/layer/1/attention/output/LayerNorm/scale", "bert/encoder/layer/1/intermediate/dense/kernel",
+                   "bert/encoder/layer/1/attention/self/value/kernel",
+                   "bert/encoder/layer/1/attention/output/dense/bias",
+                   "bert/encoder/layer/1/attention/output/LayerNorm/scale",
+                   "bert/encoder/layer/1/intermediate/dense/kernel",
                    "bert/encoder/layer/1/output/dense/kernel", "bert/encoder/layer/1/output/LayerNorm/bias",
                    "bert/pooler/dense/kernel", "classifier/kernel", "classifier/bias"]:
     assert expected in paths

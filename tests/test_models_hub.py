@@ -72,6 +72,15 @@ def test_sharded_checkpoint_loads(tmp_path):
   np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
 
 
+def test_index_naming_a_missing_shard_is_reported(tmp_path):
+  _save(tmp_path, max_shard_size="40KB")
+  index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+  gone = sorted(set(index["weight_map"].values()))[-1]
+  os.remove(tmp_path / gone)
+  with pytest.raises(ValueError, match=rf"names the shard '{gone}', which is missing"):
+    spra.models.from_pretrained(tmp_path)
+
+
 def test_bf16_checkpoint_loads_into_f32_and_bf16_params(tmp_path):
   torch_model = _save(tmp_path, dtype=torch.bfloat16)
   model, _ = spra.models.from_pretrained(tmp_path)
@@ -93,7 +102,8 @@ def test_new_head_is_initialised_from_the_seed_and_the_rest_is_loaded(tmp_path):
                                  task="sequence-classification", num_labels=5, rngs=nnx.Rngs(1))
   np.testing.assert_allclose(np.asarray(a.classifier.kernel[...]), np.asarray(fresh.classifier.kernel[...]), atol=1e-7)
   np.testing.assert_array_equal(np.asarray(a.classifier.bias[...]), np.zeros(5, np.float32))
-  np.testing.assert_array_equal(np.asarray(a.bert.pooler.dense.kernel[...]), np.asarray(c.bert.pooler.dense.kernel[...]))
+  np.testing.assert_array_equal(np.asarray(a.bert.pooler.dense.kernel[...]),
+                                np.asarray(c.bert.pooler.dense.kernel[...]))
   assert not any(isinstance(v.get_value(), jax.ShapeDtypeStruct) for _, v in nnx.to_flat_state(nnx.state(a)))
 
 

@@ -99,7 +99,8 @@ def test_llama_family_presets_on_an_abstract_tree(model_type, name, modules):
   kinds = _kinds(spra.sample_mask(0, tree, density=0.05, **presets.get(name, model_type)))
   expected = _modules("model/layers/", modules, leaves=("kernel",))
   if qkv_bias:  # Qwen2's q/k/v biases go with their projections
-    expected |= {f"model/layers/{i}/{m}/bias" for i in range(2) for m in modules if m[-6:] in ("q_proj", "k_proj", "v_proj")}
+    with_bias = [m for m in modules if m.endswith(("q_proj", "k_proj", "v_proj"))]
+    expected |= {f"model/layers/{i}/{m}/bias" for i in range(2) for m in with_bias}
   assert kinds[SPARSE] == expected
   assert kinds[FULL] == {"score/kernel"}
   assert {"model/embed_tokens/embedding", "model/norm/scale", "model/layers/1/input_layernorm/scale"} <= kinds[FROZEN]

