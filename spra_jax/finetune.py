@@ -202,7 +202,7 @@ class Job:
       task = "sequence-classification" if self.task == "classification" else "causal-lm"
       model, tokenizer = models.from_pretrained(config.model, task=task, num_labels=self.num_labels, seed=config.seed)
       if preset_rules is None and config.preset:
-        preset_rules = models.presets.get(config.preset, models.model_type(model))
+        preset_rules = models.presets.get(config.preset, models.model_type(model), task=task)
     if tokenizer is None:
       raise ValueError("a tokenizer is needed with a model passed in directly")
     if tokenizer.pad_token_id is None:
@@ -574,8 +574,8 @@ def finetune(
       last_val = evaluate(predict, job.arrays["validation"], task=job.task, batch_size=config.batch_size,
                           limit=config.eval_examples)
       _append_jsonl(metrics_path, {"step": step, "split": "validation", **last_val})
-      if bar is not None:
-        bar.write(f"step {step}: validation " + " ".join(f"{k} {v:.4f}" for k, v in last_val.items()))
+      line = f"step {step}: validation " + " ".join(f"{k} {v:.4f}" for k, v in last_val.items())
+      bar.write(line) if bar is not None else print(line, flush=True)
     if step % config.checkpoint_every == 0 and step < total:
       trainer.save(ckpt, step, state, data_position=dataclasses.asdict(position))
   if bar is not None:

@@ -31,7 +31,7 @@ from typing import Any
 from spra_jax.models import bert, hub, lora, presets
 from spra_jax.models._io import LazyTensor, open_safetensors
 from spra_jax.models.bert import cls_pool, l2_normalize, mean_pool
-from spra_jax.models.hub import ALIASES, ARCHITECTURES, architecture, available, from_pretrained
+from spra_jax.models.hub import ALIASES, ARCHITECTURES, architecture, available, from_pretrained, model_type
 from spra_jax.models.lora import apply_lora, lora_param_count
 
 __all__ = [
@@ -49,6 +49,7 @@ __all__ = [
     "lora",
     "lora_param_count",
     "mean_pool",
+    "model_type",
     "open_safetensors",
     "presets",
 ]

@@ -366,3 +366,28 @@ def from_pretrained(
                 name_or_path, len(left), ", ".join(left))
   logger.debug("%s: materialised %s", name_or_path, initialised)
   return model, tokenizer
+
+
+def model_type(model: nnx.Module) -> str:
+  """The Hugging Face ``model_type`` of a model built by this package.
+
+  It reads ``config.model_type`` where a submodule's config has one, and
+  otherwise the architecture module the model's class comes from (``bert``,
+  ``llama``), which is what :mod:`~spra_jax.models.presets` needs.
+
+  Example:
+
+    >>> from flax import nnx
+    >>> from spra_jax.models import bert
+    >>> model_type(bert.build(bert.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+    ...                                        intermediate_size=64, vocab_size=50), task='base', rngs=nnx.Rngs(0)))
+    'bert'
+  """
+  for _, module in nnx.iter_graph(model):
+    found = getattr(getattr(module, "config", None), "model_type", None)
+    if isinstance(found, str):
+      return found
+  name = type(model).__module__.rsplit(".", 1)[-1]
+  if name in set(ARCHITECTURES.values()):
+    return name
+  raise ValueError(f"cannot tell the model type of a {type(model).__name__}; pass the preset rules explicitly")
