@@ -267,13 +267,25 @@ class Job:
       from spra_jax import models
 
       rules = _select_rules(c, self.preset_rules)
-      models.lora.apply_lora(self.model, rank=c.lora_rank, alpha=c.lora_alpha, include=rules.get("include", "."),
-                             rngs=nnx.Rngs(c.seed))
+      models.lora.apply_lora(self.model, rank=c.lora_rank, alpha=c.lora_alpha,
+                             include=_module_pattern(rules.get("include") or r"(kernel)$"), rngs=nnx.Rngs(c.seed))
       head_re = __import__("re").compile(head)
       trainable = lambda path, value: isinstance(value, nnx.LoRAParam) or (  # noqa: E731
           isinstance(value, nnx.Param) and bool(head_re.search(path_str(path))))
       return _DenseTrainer(self, trainable, tx)
     return _DenseTrainer(self, nnx.Param, tx)
+
+
+def _module_pattern(leaf_pattern: str) -> str:
+  """A leaf regex (``.../v_proj/kernel``) as a regex of the Linear modules holding those leaves.
+
+  >>> _module_pattern('attention/(self/value|output/dense)/(kernel|bias)$')
+  'attention/(self/value|output/dense)$'
+  """
+  import re
+
+  stripped = re.sub(r"/?(\(kernel\|bias\)|\(bias\|kernel\)|kernel|bias)\$?$", "", leaf_pattern)
+  return stripped + "$" if stripped else r"."
 
 
 class _Trainer:
