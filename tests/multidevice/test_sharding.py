@@ -24,6 +24,13 @@ TRAIN = dict(include=r"(kernel|embedding)$", exclude=r"lm_head", full=r"lm_head"
 is_sharding = lambda x: isinstance(x, NamedSharding)  # noqa: E731
 
 
+def ADAMW():  # noqa: N802
+  # eps=1e-4 rather than 1e-8: Adam's first step is lr * g / (|g| + eps), and a gradient entry that cancels to
+  # ~1e-7 differs by several percent between two summation orders (the batch is summed across devices on a mesh):
+  # with a tiny eps that rounding noise becomes a learning-rate-sized step (seen: 2.4e-5 with eps=1e-6).
+  return optax.adamw(5e-3, eps=1e-4)
+
+
 def mesh_of(name):
   data, fsdp, tensor = MESHES[name]
   return sh.make_mesh(data=data, fsdp=fsdp, tensor=tensor)
@@ -49,6 +56,8 @@ def assert_same_layout(tree, shardings):
 
 
 def assert_trees_close(a, b, atol):
+  worst = max(float(np.abs(np.asarray(x) - np.asarray(y)).max()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  print(f"max |difference| {worst:.2e}")
   for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0, err_msg=spra.masks.path_str(path))
 
@@ -129,49 +138,6 @@ def test_uneven_dimensions_keep_the_dividing_axes():
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mesh_name", list(MESHES))
-def test_masked_init_on_sharded_params_samples_shard_local_masks(mesh_name):
-  mesh = mesh_of(mesh_name)
-  params = tl.init_params()
-  shardings = sh.param_shardings(params, mesh)
-  sharded = jax.device_put(params, shardings)
-  tx = spra.masked(optax.adamw(1e-2), density=DENSITY, key=jax.random.key(0), **TRAIN)
-  mask = spra.mask_of(tx.init(sharded))
-  sh.check_shard_local(mask, shardings)
-  param_by_path = {spra.masks.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(sharded)[0]}
-  checked = 0
-  for path, m in sparse_leaves(mask):
-    param = param_by_path[path]
-    grid = spra.masks.block_grid(m.shape, param.sharding)
-    assert m.blocks == grid
-    size = math.prod(m.shape)
-    n = m.num_blocks
-    budget = round(DENSITY * size)
-    # Exact k: the budget rounded to a multiple of the block count, the same count in every block.
-    assert m.num_trainable == n * spra.masks.block_budget(budget, n, size // n)
-    assert abs(m.num_trainable - budget) <= n / 2
-    idx = np.asarray(m.indices)
-    assert idx.dtype == np.int32 and len(np.unique(idx)) == len(idx)
-    if grid is None:  # replicated parameter (pure data parallelism): an ordinary sorted mask
-      assert m.blocks is None and np.all(np.diff(idx) > 0)
-      continue
-    checked += 1
-    assert m.indices.sharding == spra.masks.compact_sharding(param.sharding)
-    if m.indices_sorted:
-      assert np.all(np.diff(idx) > 0)
-    # Each device's slice of the indices lies inside that device's shard of the parameter.
-    param_shard = {s.device: s.index for s in param.addressable_shards}
-    for shard in m.indices.addressable_shards:
-      local = np.asarray(shard.data)
-      assert len(local) == m.num_trainable // n
-      coords = np.unravel_index(local, m.shape)
-      for dim, sl in enumerate(param_shard[shard.device]):
-        lo, hi, _ = sl.indices(m.shape[dim])
-        assert np.all((coords[dim] >= lo) & (coords[dim] < hi)), (path, shard.device)
-  # Every sparse leaf (7 kernels x 2 layers + the embedding) is split unless the mesh is pure data parallel.
-  assert checked == (0 if MESHES[mesh_name][1:] == (1, 1) else 15)
-
-
 def test_every_host_derives_the_same_mask_and_blocks_change_only_with_the_grid():
   mesh = mesh_of("2x4 data-tensor")
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tl.init_params(),
@@ -208,6 +174,42 @@ def test_block_local_gather_and_scatter_match_flat_indexing(shape, blocks):
     spra.masks.validate({"w": swapped}, {"w": x})
 
 
+def assert_shard_local(mask, sharded, mesh_name):
+  """Each sparse leaf split by its sharding: exact k, equal counts per block, each device's slice in its shard."""
+  param_by_path = {spra.masks.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(sharded)[0]}
+  checked = 0
+  for path, m in sparse_leaves(mask):
+    param = param_by_path[path]
+    grid = spra.masks.block_grid(m.shape, param.sharding)
+    assert m.blocks == grid
+    size = math.prod(m.shape)
+    n = m.num_blocks
+    budget = round(DENSITY * size)
+    # Exact k: the budget rounded to a multiple of the block count, the same count in every block.
+    assert m.num_trainable == n * spra.masks.block_budget(budget, n, size // n)
+    assert abs(m.num_trainable - budget) <= n / 2
+    idx = np.asarray(m.indices)
+    assert idx.dtype == np.int32 and len(np.unique(idx)) == len(idx)
+    if grid is None:  # replicated parameter (pure data parallelism): an ordinary sorted mask
+      assert m.blocks is None and np.all(np.diff(idx) > 0)
+      continue
+    checked += 1
+    assert m.indices.sharding == spra.masks.compact_sharding(param.sharding)
+    if m.indices_sorted:
+      assert np.all(np.diff(idx) > 0)
+    # Each device's slice of the indices lies inside that device's shard of the parameter.
+    param_shard = {s.device: s.index for s in param.addressable_shards}
+    for shard in m.indices.addressable_shards:
+      local = np.asarray(shard.data)
+      assert len(local) == m.num_trainable // n
+      coords = np.unravel_index(local, m.shape)
+      for dim, sl in enumerate(param_shard[shard.device]):
+        lo, hi, _ = sl.indices(m.shape[dim])
+        assert np.all((coords[dim] >= lo) & (coords[dim] < hi)), (path, shard.device)
+  # Every sparse leaf (7 kernels x 2 layers + the embedding) is split unless the mesh is pure data parallel.
+  assert checked == (0 if MESHES[mesh_name][1:] == (1, 1) else 15)
+
+
 # --------------------------------------------------------------------------
 # No collectives in the optimizer.
 # --------------------------------------------------------------------------
@@ -222,7 +224,7 @@ def test_optimizer_update_compiles_without_collectives(mesh_name):
   shardings = sh.param_shardings(params, mesh)
   sharded = jax.device_put(params, shardings)
   # Door 1: spra.masked's update (gather at the mask, AdamW on compact vectors, scatter back).
-  tx = spra.masked(optax.adamw(1e-2), density=DENSITY, key=jax.random.key(0), **TRAIN)
+  tx = spra.masked(ADAMW(), density=DENSITY, key=jax.random.key(0), **TRAIN)
   state = tx.init(sharded)
   state_shardings = sh.opt_state_shardings(state, shardings)
   update = jax.jit(tx.update, in_shardings=(shardings, state_shardings, shardings),
@@ -231,7 +233,7 @@ def test_optimizer_update_compiles_without_collectives(mesh_name):
   assert not COLLECTIVE.search(hlo), sh.count_collectives(hlo)[:5]
   assert sh.count_collectives(hlo) == []
   # Door 3: the lean path's optimizer part (AdamW on the delta values, in-place write of the weights).
-  step = sh.sharded_lean_step(tl.loss_fn, optax.adamw(1e-2))
+  step = sh.sharded_lean_step(tl.loss_fn, ADAMW())
   lean = step.init(sharded, spra.mask_of(state))
   lean_shardings = sh.lean_state_shardings(lean, shardings)
 
@@ -250,17 +252,20 @@ def test_optimizer_update_compiles_without_collectives(mesh_name):
 # --------------------------------------------------------------------------
 
 
-def run_masked(mesh, batches):
+def run_masked(mesh_name, batches):
+  mesh = mesh_of(mesh_name)
   params = tl.init_params()
   shardings = sh.param_shardings(params, mesh)
   params = jax.device_put(params, shardings)
-  tx = spra.masked(optax.adamw(1e-2), density=DENSITY, key=jax.random.key(0), **TRAIN)
+  tx = spra.masked(ADAMW(), density=DENSITY, key=jax.random.key(0), **TRAIN)
   state = tx.init(params)
   state_shardings = sh.opt_state_shardings(state, shardings)
   state = jax.device_put(state, state_shardings)
   step = sh.sharded_train_step(tl.loss_fn, tx, param_shardings=shardings, opt_state_shardings=state_shardings,
                                batch_shardings=sh.batch_sharding(mesh))
   mask, losses = spra.mask_of(state), []
+  sh.check_shard_local(mask, shardings)
+  assert_shard_local(mask, params, mesh_name)
   mask = one_device(mask)  # keep a copy: the state's buffers are donated
   for batch in batches:
     params, state, loss = step(params, state, jax.device_put(batch, sh.batch_sharding(mesh)))
@@ -270,7 +275,7 @@ def run_masked(mesh, batches):
 
 
 def reference_masked(mask, batches):
-  tx = spra.masked(optax.adamw(1e-2), mask)
+  tx = spra.masked(ADAMW(), mask)
   params = one_device(tl.init_params())
   state = tx.init(params)
 
@@ -288,12 +293,14 @@ def reference_masked(mask, batches):
 
 
 @pytest.mark.parametrize("mesh_name", list(MESHES))
-def test_masked_on_mesh_matches_one_device(mesh_name):
+def test_masked_on_mesh_is_shard_local_and_matches_one_device(mesh_name):
+  """spra.masked(key=...) initialised on sharded parameters samples shard-local masks; 20 steps equal 1 device's."""
   batches = tl.batches(STEPS)
-  mask, losses, params = run_masked(mesh_of(mesh_name), batches)
+  mask, losses, params = run_masked(mesh_name, batches)
   ref_losses, ref_params = reference_masked(mask, batches)
+  print(f"losses {losses[0]:.4f} -> {losses[-1]:.4f}")
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=0)
-  assert losses[-1] < losses[0] - 0.3  # it trains
+  assert losses[-1] < losses[0] - 0.2  # it trains
   assert_trees_close(params, ref_params, atol=1e-5)
 
 
@@ -304,7 +311,7 @@ def run_lean(mesh, batches, mask):
   if mask is None:
     mask = spra.sample_mask(jax.random.key(0), params, density=DENSITY, **TRAIN)
     sh.check_shard_local(mask, shardings)
-  step = sh.sharded_lean_step(tl.loss_fn, optax.adamw(1e-2))
+  step = sh.sharded_lean_step(tl.loss_fn, ADAMW())
   state = step.init(params, mask)
   state_shardings = sh.lean_state_shardings(state, shardings)
   losses = []
@@ -321,15 +328,16 @@ def test_lean_on_mesh_matches_one_device(mesh_name):
   batches = tl.batches(STEPS)
   mask, losses, state = run_lean(mesh_of(mesh_name), batches, None)
   mask1 = one_device(mask)
-  step = spra.lean_step(tl.loss_fn, optax.adamw(1e-2))
+  step = spra.lean_step(tl.loss_fn, ADAMW())
   ref = step.init(one_device(tl.init_params()), mask1)
   ref_losses = []
   for batch in batches:
     ref, loss = step(ref, one_device(batch))
     ref_losses.append(float(jax.block_until_ready(loss)))
   ref = step.flush(ref)
+  print(f"losses {losses[0]:.4f} -> {losses[-1]:.4f}")
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=0)
-  assert losses[-1] < losses[0] - 0.3
+  assert losses[-1] < losses[0] - 0.2
   assert_trees_close(state.params, ref.params, atol=1e-5)
   assert_trees_close(state.delta.values, ref.delta.values, atol=1e-5)
 
