@@ -902,7 +902,9 @@ def sample_mask(
       indices = _sample_blocked(dist, leaf_key(key, path), path, shape, blocks, budget_of[i])
       placement = compact_sharding(sharding)
       if placement is not None and not isinstance(indices, jax.core.Tracer):
-        indices = jax.device_put(indices, placement)
+        # Every process sampled the same values; each fills in its own devices' slices (multi-host safe).
+        host = np.asarray(indices)
+        indices = jax.make_array_from_callback(host.shape, placement, lambda index, host=host: host[index])
       leaves.append(LeafMask.sparse(shape, indices, blocks=blocks))
     elif role == SPARSE:
       indices = dist.sample(leaf_key(key, path), path, shape, budget_of[i])

@@ -41,10 +41,11 @@ itself; elsewhere pass ``coordinator_address``, ``num_processes`` and
 ``process_id``) before any other JAX call, then build the mesh over
 ``jax.devices()`` (all hosts' devices) with :func:`make_mesh`. Each leaf's key
 is ``fold_in(key, stable_hash(path))`` and each block's ``fold_in(leaf_key,
-j)``, so every host samples the same mask with no communication; sampling
-runs on the host's default device and the indices are then placed by
-``jax.device_put`` onto the compact sharding (on several hosts, build global
-arrays with ``jax.make_array_from_callback`` from the same values instead).
+j)``, so every host samples the same mask with no communication: sampling
+runs on each host's default device, and each host then fills in its own
+devices' slices of the compact index vectors (``jax.make_array_from_callback``).
+Batches on several hosts are built the same way (or with
+``jax.make_array_from_process_local_data``).
 
 Example:
 
@@ -630,7 +631,11 @@ class ShardedLeanStep(LeanStep):
 
   _state_shardings: Any = None
 
-  def init(self, params: Any, mask_or_delta: Any, *, dtype: Any = jnp.float32) -> LeanState:  # noqa: D102
+  def init(self, params: Any, mask_or_delta: Any, *, dtype: Any = jnp.float32) -> LeanState:
+    """Like :meth:`spra.LeanStep.init`, then places the state on :func:`lean_state_shardings`.
+
+    ``params`` must be ``jax.Array`` s with a ``NamedSharding`` (e.g. from :func:`shard_params`).
+    """
     shardings = jax.tree.map(lambda x: x.sharding, params)
     for s in jax.tree.leaves(shardings, is_leaf=_is_sharding):
       if not isinstance(s, NamedSharding):

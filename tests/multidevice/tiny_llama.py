@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import optax
 
 
-
 def init_params(seed=0, *, vocab=64, d=64, layers=2, heads=4, kv_heads=4, ffn=64):
   keys = iter(jax.random.split(jax.random.key(seed), 8 * layers + 2))
   head_dim = d // heads
