@@ -30,6 +30,8 @@ from spra_jax.masks import LeafMask, from_dense, num_trainable, sample_mask, to_
 from spra_jax.masks import summary as mask_summary
 from spra_jax.transform import SparseMaskedState, mask_of, masked
 
+from spra_jax import sharding  # noqa: E402  (after the modules it builds on)
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -64,6 +66,7 @@ __all__ = [
     "num_trainable",
     "sample_mask",
     "save_adapter",
+    "sharding",
     "to_dense",
     "unmerge",
     "value_and_grad",

@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -28,11 +29,86 @@ import jax.numpy as jnp
 
 from spra_jax.masks import FROZEN, FULL, LeafMask, is_leaf_mask
 
-__all__ = ["gather", "scatter", "scatter_add", "map_leaves", "INDEX_HINTS"]
+__all__ = ["gather", "scatter", "scatter_add", "map_leaves", "take", "put", "INDEX_HINTS"]
 
 # Mask indices are validated to be sorted, unique and in range; telling XLA so
 # lets it skip bounds handling and collision logic in gathers and scatters.
 INDEX_HINTS = dict(mode="promise_in_bounds", unique_indices=True, indices_are_sorted=True)
+
+
+# Shard-local masks (``LeafMask.blocks``): the leaf is viewed as [num_blocks,
+# block_size] in block-major order, by a reshape/transpose that only relabels a
+# sharded array's local pieces, and each block gathers or scatters its own
+# slice of the indices. Gather and scatter then have a batch dimension that is
+# sharded alike on the leaf, the indices and the values, so XLA's SPMD
+# partitioner runs them on each device's own shard, with no communication.
+
+
+def _to_blocks(x: jax.Array, blocks: tuple[int, ...]) -> jax.Array:
+  shape = x.shape
+  split = [d for s, b in zip(shape, blocks) for d in (b, s // b)]
+  order = list(range(0, 2 * len(shape), 2)) + list(range(1, 2 * len(shape), 2))
+  return jnp.reshape(x, split).transpose(order).reshape(math.prod(blocks), -1)
+
+
+def _from_blocks(y: jax.Array, shape: tuple[int, ...], blocks: tuple[int, ...]) -> jax.Array:
+  n = len(shape)
+  y = jnp.reshape(y, tuple(blocks) + tuple(s // b for s, b in zip(shape, blocks)))
+  order = [i for d in range(n) for i in (d, n + d)]
+  return y.transpose(order).reshape(shape)
+
+
+def _local_indices(m: LeafMask) -> jax.Array:
+  """Each index's flat position inside its own block, as [num_blocks, k / num_blocks]."""
+  local_shape = tuple(s // b for s, b in zip(m.shape, m.blocks))
+  rest, local, scale = m.indices, jnp.zeros_like(m.indices), 1
+  for d in reversed(range(len(m.shape))):
+    local = local + (rest % m.shape[d]) % local_shape[d] * scale
+    rest = rest // m.shape[d]
+    scale *= local_shape[d]
+  return local.reshape(m.num_blocks, -1)
+
+
+def take(x: jax.Array, m: LeafMask) -> jax.Array:
+  """The ``[k]`` entries of leaf ``x`` at a sparse mask's indices, in the mask's order.
+
+  Example:
+
+    >>> import jax.numpy as jnp
+    >>> from spra_jax.masks import LeafMask
+    >>> x = jnp.arange(8.).reshape(2, 4)
+    >>> take(x, LeafMask.sparse((2, 4), jnp.array([4, 1, 3, 6], jnp.int32), blocks=(1, 2)))
+    Array([4., 1., 3., 6.], dtype=float32)
+  """
+  if m.blocks is None:
+    return jnp.reshape(x, (-1,)).at[m.indices].get(**INDEX_HINTS)
+  rows = _to_blocks(x, m.blocks)
+  picked = jax.vmap(lambda row, idx: row.at[idx].get(**INDEX_HINTS))(rows, _local_indices(m))
+  return picked.reshape(-1)
+
+
+def put(x: jax.Array, m: LeafMask, values: jax.Array, *, add: bool = False) -> jax.Array:
+  """Leaf ``x`` with ``values`` written (or added, with ``add``) at a sparse mask's indices.
+
+  Example:
+
+    >>> import jax.numpy as jnp
+    >>> from spra_jax.masks import LeafMask
+    >>> m = LeafMask.sparse((2, 4), jnp.array([4, 1, 3, 6], jnp.int32), blocks=(1, 2))
+    >>> put(jnp.zeros((2, 4)), m, jnp.array([1., 2., 3., 4.]))
+    Array([[0., 2., 0., 3.],
+           [1., 0., 4., 0.]], dtype=float32)
+  """
+  values = values.astype(x.dtype)
+  if m.blocks is None:
+    at = jnp.reshape(x, (-1,)).at[m.indices]
+    return (at.add(values, **INDEX_HINTS) if add else at.set(values, **INDEX_HINTS)).reshape(m.shape)
+
+  def one(row, idx, v):
+    return row.at[idx].add(v, **INDEX_HINTS) if add else row.at[idx].set(v, **INDEX_HINTS)
+
+  rows = jax.vmap(one)(_to_blocks(x, m.blocks), _local_indices(m), values.reshape(m.num_blocks, -1))
+  return _from_blocks(rows, m.shape, m.blocks)
 
 
 
@@ -55,7 +131,7 @@ def _gather_leaf(m: LeafMask, x: Any) -> Any:
     return x
   if isinstance(x, jax.ShapeDtypeStruct):
     return jax.ShapeDtypeStruct((m.num_trainable,), x.dtype)
-  return jnp.reshape(x, (-1,)).at[m.indices].get(**INDEX_HINTS)
+  return take(x, m)
 
 
 def gather(tree: Any, mask: Any) -> Any:
@@ -73,9 +149,7 @@ def _scatter_leaf(m: LeafMask, v: Any, like: Any) -> Any:
     return jnp.zeros(m.shape, dtype)
   if m.kind == FULL:
     return jnp.asarray(v, dtype)
-  flat = jnp.zeros((m.size,), dtype)
-  flat = flat.at[m.indices].set(jnp.asarray(v, dtype), **INDEX_HINTS)
-  return flat.reshape(m.shape)
+  return put(jnp.zeros(m.shape, dtype), m, jnp.asarray(v, dtype))
 
 
 def scatter(compact: Any, mask: Any, like: Any) -> Any:
@@ -91,9 +165,7 @@ def _scatter_add_leaf(m: LeafMask, x: Any, v: Any) -> Any:
     return x
   if m.kind == FULL:
     return (x + v).astype(x.dtype)
-  flat = jnp.reshape(x, (-1,))
-  flat = flat.at[m.indices].add(v.astype(x.dtype), **INDEX_HINTS)
-  return flat.reshape(m.shape)
+  return put(x, m, v, add=True)
 
 
 def scatter_add(tree: Any, compact: Any, mask: Any) -> Any:

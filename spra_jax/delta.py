@@ -169,10 +169,8 @@ def _apply(base: Any, delta: SparseDelta, sign: float) -> Any:
     acc = _accumulate_dtype(x.dtype)
     if m.kind == FULL:
       return (x.astype(acc) + sign * v.astype(acc)).astype(x.dtype)
-    flat = jnp.reshape(x, (-1,))
-    at = flat.at[m.indices]
-    new = (at.get(**compact.INDEX_HINTS).astype(acc) + sign * v.astype(acc)).astype(x.dtype)
-    return at.set(new, **compact.INDEX_HINTS).reshape(m.shape)
+    new = (compact.take(x, m).astype(acc) + sign * v.astype(acc)).astype(x.dtype)
+    return compact.put(x, m, new)
 
   return compact.map_leaves(one, delta.mask, base, delta.values)
 
@@ -278,21 +276,22 @@ def add_deltas(*deltas: SparseDelta) -> SparseDelta:
 # --------------------------------------------------------------------------
 
 
-@jax.custom_vjp
-def _through_sparse(weight: jax.Array, values: jax.Array, indices: jax.Array) -> jax.Array:
-  del values, indices
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _through_sparse(weight: jax.Array, values: jax.Array, indices: jax.Array, blocks: Any) -> jax.Array:
+  del values, indices, blocks
   return weight
 
 
-def _through_sparse_fwd(weight, values, indices):
+def _through_sparse_fwd(weight, values, indices, blocks):
+  del blocks
   return weight, (values, indices)
 
 
-def _through_sparse_bwd(residuals, cotangent):
+def _through_sparse_bwd(blocks, residuals, cotangent):
   values, indices = residuals
   # The weight's dense cotangent exists only here, one layer at a time; keep k
   # of its entries and let XLA free the rest at once.
-  picked = jnp.reshape(cotangent, (-1,)).at[indices].get(**compact.INDEX_HINTS)
+  picked = compact.take(cotangent, LeafMask.sparse(cotangent.shape, indices, blocks=blocks))
   return None, picked.astype(values.dtype), None
 
 
@@ -350,7 +349,7 @@ def attach(params: Any, delta: SparseDelta) -> Any:
       return w
     if m.kind == FULL:
       return _through_full(w, v)
-    return _through_sparse(w, v, m.indices)
+    return _through_sparse(w, v, m.indices, m.blocks)
 
   return compact.map_leaves(one, delta.mask, params, delta.values)
 

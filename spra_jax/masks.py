@@ -68,6 +68,10 @@ __all__ = [
     "path_str",
     "leaf_key",
     "is_leaf_mask",
+    "block_grid",
+    "leaf_sharding",
+    "compact_sharding",
+    "block_budget",
 ]
 
 FROZEN = "frozen"
@@ -90,9 +94,20 @@ Pattern = str | Sequence[str] | re.Pattern | None
 class LeafMask:
   """Which entries of one parameter leaf are trainable.
 
-  Build one with :meth:`frozen`, :meth:`full` or :meth:`sparse`. ``kind`` and
-  ``shape`` are static metadata; ``indices`` (sparse leaves only) is the single
-  array child, so a pytree of ``LeafMask`` flattens to its index vectors.
+  Build one with :meth:`frozen`, :meth:`full` or :meth:`sparse`. ``kind``,
+  ``shape`` and ``blocks`` are static metadata; ``indices`` (sparse leaves only)
+  is the single array child, so a pytree of ``LeafMask`` flattens to its index
+  vectors.
+
+  ``blocks`` (sparse leaves only) is the shard grid of a *shard-local* mask:
+  the number of equal blocks along each dimension of the leaf, as a sharding
+  splits it (``(1, 8)`` for a kernel whose columns are split over 8 devices).
+  The indices are then block-major: ``indices`` is ``num_blocks`` equal slices,
+  slice j holds entries of block j only (blocks numbered row-major over the
+  grid), sorted within the slice. When the blocks are contiguous ranges of the
+  flat leaf (only the leading dimension split) this is the usual globally
+  sorted order; otherwise the indices are unique but sorted only per slice.
+  ``None`` (the default) means one block: sorted, unique indices.
 
   Example:
 
@@ -100,16 +115,19 @@ class LeafMask:
     >>> m = LeafMask.sparse((4, 4), jnp.array([1, 5, 14], jnp.int32))
     >>> m.num_trainable, m.size
     (3, 16)
+    >>> LeafMask.sparse((4, 4), jnp.array([0, 4, 2, 7], jnp.int32), blocks=(1, 2))
+    LeafMask.sparse(shape=(4, 4), k=4, blocks=(1, 2))
   """
 
-  __slots__ = ("kind", "shape", "indices")
+  __slots__ = ("kind", "shape", "indices", "blocks")
 
-  def __init__(self, kind: str, shape: Sequence[int], indices: Any = None):
+  def __init__(self, kind: str, shape: Sequence[int], indices: Any = None, blocks: Sequence[int] | None = None):
     if kind not in _KINDS:
       raise ValueError(f"LeafMask kind must be one of {_KINDS}, got {kind!r}.")
     self.kind = kind
     self.shape = tuple(int(d) for d in shape)
     self.indices = indices
+    self.blocks = _check_blocks(self.shape, blocks) if kind == SPARSE else None
 
   @classmethod
   def frozen(cls, shape: Sequence[int]) -> LeafMask:
@@ -122,9 +140,9 @@ class LeafMask:
     return cls(FULL, shape)
 
   @classmethod
-  def sparse(cls, shape: Sequence[int], indices: Any) -> LeafMask:
-    """A leaf whose entries at the flat ``indices`` train."""
-    return cls(SPARSE, shape, indices)
+  def sparse(cls, shape: Sequence[int], indices: Any, *, blocks: Sequence[int] | None = None) -> LeafMask:
+    """A leaf whose entries at the flat ``indices`` train (``blocks``: see the class)."""
+    return cls(SPARSE, shape, indices, blocks)
 
   @property
   def size(self) -> int:
@@ -145,22 +163,118 @@ class LeafMask:
     """Fraction of the leaf's entries that train."""
     return self.num_trainable / self.size if self.size else 0.0
 
+  @property
+  def num_blocks(self) -> int:
+    """Number of shard blocks the indices are stratified over (1 if not shard-local)."""
+    return math.prod(self.blocks) if self.blocks is not None else 1
+
+  @property
+  def indices_sorted(self) -> bool:
+    """True when the indices are sorted over the whole leaf (always, unless shard-local).
+
+    Shard-local indices are globally sorted when each block is a contiguous
+    range of the flat leaf: at most one dimension is split and every dimension
+    before it has size 1.
+    """
+    if self.blocks is None:
+      return True
+    split = [d for d, b in enumerate(self.blocks) if b > 1]
+    return len(split) == 1 and math.prod(self.shape[: split[0]]) == 1
+
   def tree_flatten(self):
     children = (self.indices,) if self.kind == SPARSE else ()
-    return children, (self.kind, self.shape)
+    return children, (self.kind, self.shape, self.blocks)
 
   @classmethod
   def tree_unflatten(cls, aux, children):
-    kind, shape = aux
+    kind, shape, blocks = aux
     obj = object.__new__(cls)
-    obj.kind, obj.shape = kind, shape
+    obj.kind, obj.shape, obj.blocks = kind, shape, blocks
     obj.indices = children[0] if kind == SPARSE else None
     return obj
 
   def __repr__(self) -> str:
     if self.kind == SPARSE:
-      return f"LeafMask.sparse(shape={self.shape}, k={self.num_trainable})"
+      blocks = "" if self.blocks is None else f", blocks={self.blocks}"
+      return f"LeafMask.sparse(shape={self.shape}, k={self.num_trainable}{blocks})"
     return f"LeafMask.{self.kind}(shape={self.shape})"
+
+
+def _check_blocks(shape: tuple[int, ...], blocks: Sequence[int] | None) -> tuple[int, ...] | None:
+  """Validates a shard grid for ``shape``; an all-ones grid is normalised to None."""
+  if blocks is None:
+    return None
+  blocks = tuple(int(b) for b in blocks)
+  if len(blocks) != len(shape) or any(b < 1 or s % b for s, b in zip(shape, blocks)):
+    raise ValueError(
+        f"blocks must give, per dimension, a number of equal blocks that divides the size; "
+        f"got blocks={blocks} for shape {shape}."
+    )
+  return None if all(b == 1 for b in blocks) else blocks
+
+
+def block_grid(shape: Sequence[int], sharding: Any) -> tuple[int, ...] | None:
+  """The shard grid a ``jax.sharding.Sharding`` cuts a leaf of ``shape`` into.
+
+  Returns the number of blocks per dimension, or None when the leaf is not
+  split (one device, or replicated) or is split unevenly (padded shards).
+
+  Example:
+
+    >>> import jax
+    >>> from jax.sharding import NamedSharding, PartitionSpec as P
+    >>> mesh = jax.sharding.Mesh(jax.devices()[:1], ('tensor',))
+    >>> block_grid((64, 32), NamedSharding(mesh, P(None, 'tensor'))) is None  # one device: no split
+    True
+  """
+  shape = tuple(int(d) for d in shape)
+  if sharding is None or not hasattr(sharding, "shard_shape"):
+    return None
+  local = tuple(int(d) for d in sharding.shard_shape(shape))
+  if any(ls == 0 or s % ls for s, ls in zip(shape, local)):
+    return None
+  return _check_blocks(shape, tuple(s // ls for s, ls in zip(shape, local)))
+
+
+def leaf_sharding(leaf: Any) -> Any:
+  """The sharding a (concrete or abstract) leaf carries, or None (tracers, numpy arrays)."""
+  if isinstance(leaf, jax.core.Tracer):
+    return None
+  if isinstance(leaf, jax.ShapeDtypeStruct):
+    return leaf.sharding
+  if isinstance(leaf, jax.Array):
+    try:
+      return leaf.sharding
+    except Exception:  # noqa: BLE001 - deleted or otherwise unreadable arrays carry no usable sharding.
+      return None
+  return None
+
+
+def compact_sharding(sharding: Any) -> Any:
+  """The sharding of a shard-local compact vector for a leaf with ``sharding``.
+
+  For a ``NamedSharding`` with spec ``P(a, (b, c))`` the compact ``[k]``
+  vector is sharded ``P((a, b, c))``: its j-th slice lives on the devices that
+  hold block j of the leaf (blocks numbered row-major), and it is replicated
+  over the mesh axes the leaf is replicated over. Other shardings give None.
+
+  Example:
+
+    >>> import jax
+    >>> from jax.sharding import NamedSharding, PartitionSpec as P
+    >>> mesh = jax.sharding.Mesh(jax.devices()[:1], ('tensor',))
+    >>> compact_sharding(NamedSharding(mesh, P(None, 'tensor'))).spec
+    P('tensor',)
+  """
+  if not isinstance(sharding, jax.sharding.NamedSharding):
+    return None
+  axes: list[str] = []
+  for entry in sharding.spec:
+    if entry is None:
+      continue
+    axes.extend(entry if isinstance(entry, tuple) else (entry,))
+  spec = jax.sharding.PartitionSpec(tuple(axes)) if axes else jax.sharding.PartitionSpec()
+  return jax.sharding.NamedSharding(sharding.mesh, spec, memory_kind=sharding.memory_kind)
 
 
 def is_leaf_mask(x: Any) -> bool:
@@ -904,6 +1018,7 @@ def sample_mask(
     include: Pattern = None,
     exclude: Pattern = None,
     full: Pattern = None,
+    shard_local: bool = True,
 ) -> Any:
   """Samples a sparse random mask over a parameter pytree.
 
@@ -918,9 +1033,24 @@ def sample_mask(
     exclude: regex(es); matching leaves are never sparsified.
     full: regex(es); matching leaves train every entry (e.g. a classifier head).
       ``full`` wins over ``include``/``exclude``.
+    shard_local: stratify each leaf that carries a sharding over several
+      devices (a ``jax.Array`` or ``jax.ShapeDtypeStruct`` with a sharding that
+      splits it into equal blocks) by its shard blocks; see below.
 
   Only floating-point leaves can train. Each eligible leaf draws from
   :func:`leaf_key` ``(key, path)``.
+
+  Shard-local sampling: a leaf split into n blocks gets the same number of
+  entries in every block, each block sampled by the distribution from
+  ``fold_in(leaf_key(key, path), j)``. The leaf's budget k is rounded to the
+  nearest multiple of n (at least n when k > 0, at most the leaf size), so that
+  the compact ``[k]`` vector splits into n equal slices, slice j on the devices
+  holding block j: the optimizer then needs no communication. Every entry keeps
+  the marginal probability k / size (the blocks are equal). The mask records
+  the grid in :attr:`LeafMask.blocks`; see :class:`LeafMask` for the order of
+  its indices. Concrete sharded leaves get their indices placed with
+  :func:`compact_sharding`. Needs an exact distribution (e.g. ``uniform``).
+  Under ``jax.jit`` leaves carry no sharding, so sample outside of it.
 
   Returns:
     A pytree with the structure of ``params`` whose leaves are
@@ -991,12 +1121,64 @@ def sample_mask(
   budget_of = dict(zip(eligible, budgets))
   for i, (path, role) in enumerate(zip(paths, roles)):
     shape = shapes_dtypes[i][0]
-    if role == SPARSE:
+    sharding = leaf_sharding(flat[i][1]) if shard_local and role == SPARSE else None
+    blocks = block_grid(shape, sharding)
+    if role == SPARSE and blocks is not None:
+      indices = _sample_blocked(dist, leaf_key(key, path), path, shape, blocks, budget_of[i])
+      placement = compact_sharding(sharding)
+      if placement is not None and not isinstance(indices, jax.core.Tracer):
+        # Every process sampled the same values; each fills in its own devices' slices (multi-host safe).
+        host = np.asarray(indices)
+        indices = jax.make_array_from_callback(host.shape, placement, lambda index, host=host: host[index])
+      leaves.append(LeafMask.sparse(shape, indices, blocks=blocks))
+    elif role == SPARSE:
       indices = dist.sample(leaf_key(key, path), path, shape, budget_of[i])
       leaves.append(LeafMask.sparse(shape, indices))
     else:
       leaves.append(LeafMask(role, shape))
   return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def block_budget(budget: int, num_blocks: int, block_size: int) -> int:
+  """Entries per block for a shard-local leaf: ``budget / num_blocks`` rounded half up.
+
+  At least one per block when ``budget > 0``, at most ``block_size``.
+
+  Example:
+
+    >>> block_budget(100, 8, 1000), block_budget(3, 8, 1000), block_budget(0, 8, 1000)
+    (13, 1, 0)
+  """
+  if budget <= 0:
+    return 0
+  return min(block_size, max(1, _round_half_up(budget / num_blocks)))
+
+
+def _sample_blocked(dist: Distribution, key: jax.Array, path: str, shape: tuple[int, ...],
+                    blocks: tuple[int, ...], budget: int) -> jax.Array:
+  """Block-major, per-block sorted global flat indices, the same count per block."""
+  if not dist.exact:
+    raise ValueError(
+        f"leaf {path!r} is sharded into blocks {blocks}; shard-local sampling needs the same count in every "
+        f"block, which {dist!r} does not give. Use an exact distribution (e.g. spra.masks.uniform), or "
+        "sample_mask(..., shard_local=False)."
+    )
+  local_shape = tuple(s // b for s, b in zip(shape, blocks))
+  num_blocks = math.prod(blocks)
+  per_block = block_budget(int(budget), num_blocks, math.prod(local_shape))
+  if per_block == 0:
+    return jnp.zeros((0,), jnp.int32)
+  keys = jax.vmap(lambda j: jax.random.fold_in(key, j))(jnp.arange(num_blocks, dtype=jnp.uint32))
+  local = jax.vmap(lambda k: dist.sample(k, path, local_shape, per_block))(keys)  # [num_blocks, per_block]
+  # Local flat index -> global flat index: add each block's offset per dimension.
+  block_coords = np.stack(np.unravel_index(np.arange(num_blocks), blocks), axis=-1)  # [num_blocks, ndim]
+  flat = jnp.zeros(local.shape, jnp.int32)
+  rest = local.astype(jnp.int32)
+  for d in reversed(range(len(shape))):
+    coord = rest % local_shape[d] + jnp.asarray(block_coords[:, d] * local_shape[d], jnp.int32)[:, None]
+    rest = rest // local_shape[d]
+    flat = flat + coord * math.prod(shape[d + 1:])
+  return flat.reshape(-1)
 
 
 # --------------------------------------------------------------------------
@@ -1118,10 +1300,28 @@ def _validate_indices(path: str, m: LeafMask, *, check_values: bool) -> None:
   if not check_values or isinstance(idx, (jax.core.Tracer, jax.ShapeDtypeStruct)) or ishape[0] == 0:
     return
   values = np.asarray(idx)
-  if values[0] < 0 or values[-1] >= m.size:
+  if values.min() < 0 or values.max() >= m.size:
     raise ValueError(f"mask leaf {path!r}: indices must lie in [0, {m.size}), got [{values.min()}, {values.max()}].")
-  if np.any(np.diff(values) <= 0):
-    raise ValueError(f"mask leaf {path!r}: indices must be sorted and unique.")
+  if m.blocks is None:
+    if np.any(np.diff(values) <= 0):
+      raise ValueError(f"mask leaf {path!r}: indices must be sorted and unique.")
+    return
+  if ishape[0] % m.num_blocks:
+    raise ValueError(
+        f"mask leaf {path!r}: {ishape[0]} indices cannot split into {m.num_blocks} equal slices (blocks {m.blocks})."
+    )
+  per_slice = values.reshape(m.num_blocks, -1)
+  if np.any(np.diff(per_slice, axis=1) <= 0):
+    raise ValueError(f"mask leaf {path!r}: indices must be sorted and unique within each of the {m.num_blocks} slices.")
+  coords = np.unravel_index(values, m.shape)
+  block_of = np.ravel_multi_index(
+      tuple(c // (s // b) for c, s, b in zip(coords, m.shape, m.blocks)), m.blocks
+  ).reshape(m.num_blocks, -1)
+  if np.any(block_of != np.arange(m.num_blocks)[:, None]):
+    raise ValueError(
+        f"mask leaf {path!r}: slice j of the indices must lie in shard block j of the grid {m.blocks} "
+        "(blocks numbered row-major)."
+    )
 
 
 def from_dense(bool_tree: Any) -> Any:

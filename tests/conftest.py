@@ -6,6 +6,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+
+def pytest_ignore_collect(collection_path, config):
+  """Leaves tests/multidevice out of the default (1-device) collection.
+
+  It needs 8 devices, fixed when JAX starts: tests/test_multidevice.py runs it in its own process with
+  XLA_FLAGS set. Named explicitly without the flag, it is collected and skips with the reason.
+  """
+  if collection_path.name != "multidevice" or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+    return None
+  return None if any("multidevice" in str(arg) for arg in config.args) else True
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
