@@ -66,7 +66,7 @@ import orbax.checkpoint as ocp
 from spra_jax.checkpoint import _files
 from spra_jax.checkpoint.encoding import WIDTH_DTYPES, decode_gaps, encode_gaps
 from spra_jax.delta import SparseDelta, add_deltas, merge
-from spra_jax.masks import FROZEN, FULL, SPARSE, Distribution, LeafMask, is_leaf_mask, path_str
+from spra_jax.masks import FROZEN, FULL, SPARSE, Distribution, LeafMask, _validate_indices, is_leaf_mask, path_str
 
 __all__ = [
   "CONFIG_NAME",
@@ -391,6 +391,13 @@ def save_adapter(
       value_parts.setdefault(f"values_{host.dtype.name}", []).append(host.reshape(-1))
     if m.kind == SPARSE:
       idx = _as_host(m.indices).astype(np.int32, copy=False)
+      if m.blocks is not None:
+        # A shard-local mask: its indices are block-major (see LeafMask); keep the grid.
+        record["blocks"] = list(m.blocks)
+        if index_encoding != "int32" and not m.indices_sorted:
+          raise ValueError(
+              f"index_encoding={index_encoding!r} needs globally sorted indices, but leaf {record['path']!r} has a "
+              f"shard-local mask whose indices are ordered block by block (blocks {m.blocks}); use 'int32'.")
       if index_encoding == "int32":
         index_parts.setdefault("indices", []).append(idx)
       else:
@@ -565,11 +572,14 @@ def _decode(final: Path, config: Mapping[str, Any], arrays: Mapping[str, np.ndar
       except ValueError as e:
         raise ValueError(f"adapter {final} is corrupted: leaf {path!r}: {e}") from None
     size = math.prod(shape)
-    if idx.size and (idx[0] < 0 or idx[-1] >= size or np.any(np.diff(idx) <= 0)):
+    try:
+      leaf_mask = LeafMask.sparse(shape, idx, blocks=record.get("blocks"))
+      _validate_indices(path, leaf_mask, check_values=True)
+    except ValueError as e:
       raise ValueError(
-          f"adapter {final} is corrupted: leaf {path!r}'s indices are not sorted, unique and in [0, {size})."
-      )
-    out.append(_Leaf(record, LeafMask.sparse(shape, idx), values))
+          f"adapter {final} is corrupted: leaf {path!r}'s indices are not sorted, unique and in [0, {size}) "
+          f"({e})") from None
+    out.append(_Leaf(record, leaf_mask, values))
   for name, a in arrays.items():
     if cursors.get(name, 0) != a.shape[0]:
       raise ValueError(
