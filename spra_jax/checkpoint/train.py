@@ -218,8 +218,15 @@ class TrainCheckpointer:
     return sorted(self._manager.all_steps())
 
   def latest_step(self) -> int | None:
-    """The newest finished checkpoint's step, or None."""
-    return self._manager.latest_step()
+    """The newest finished checkpoint's step, or None.
+
+    A save still being written in the background does not count: a process
+    killed now would resume from the step this returns.
+    """
+    steps = self.all_steps()
+    if steps and self._manager.is_saving_in_progress():
+      steps = steps[:-1]  # the newest step's files are still being written
+    return steps[-1] if steps else None
 
   # -- saving ---------------------------------------------------------------
 
