@@ -40,6 +40,7 @@ import optax
 from flax import nnx
 
 from spra_jax import data as data_lib
+from spra_jax import sharding as sharding_lib
 from spra_jax import metrics as metrics_lib
 from spra_jax.delta import SparseDelta, extract
 from spra_jax.lean import lean_step
@@ -77,6 +78,11 @@ class FinetuneConfig:
     seed: seeds the mask, the head's initialisation, the split and the order.
     lora_rank, lora_alpha: LoRA's rank and scale numerator.
     text_column, label_column, prompt_column, response_column: dataset columns.
+    mesh: a device mesh, ``'data=2,tensor=4'`` (axes ``data``, ``fsdp``,
+      ``tensor``; ``data`` defaults to the devices left over) or ``'auto'``
+      (every device on ``data``); parameters are laid out by
+      ``spra.sharding.DEFAULT_RULES`` and batches split over ``data`` x
+      ``fsdp``. Default: one device.
     output: the output directory.
   """
 
@@ -124,10 +130,38 @@ class FinetuneConfig:
       raise ValueError("give steps or epochs")
     if self.steps is not None and self.steps <= 0 or self.epochs is not None and self.epochs <= 0:
       raise ValueError(f"steps and epochs must be positive, got steps={self.steps} epochs={self.epochs}")
+    parse_mesh(self.mesh)  # fails early on a malformed spec
 
   def identity(self) -> dict[str, Any]:
     """The fields that must match for a resume (everything but the output path)."""
     return {k: v for k, v in dataclasses.asdict(self).items() if k != "output"}
+
+
+def parse_mesh(spec: str | None) -> dict[str, int] | None:
+  """Reads a ``--mesh`` spec: ``'data=2,tensor=4'`` -> ``{'data': 2, 'tensor': 4}``.
+
+  ``'auto'`` gives ``{}`` (every device on ``data``); None or ``''`` gives None
+  (no mesh).
+
+  >>> parse_mesh('data=2, tensor=4'), parse_mesh('auto'), parse_mesh(None)
+  ({'data': 2, 'tensor': 4}, {}, None)
+  >>> parse_mesh('model=2')
+  Traceback (most recent call last):
+  ...
+  ValueError: mesh spec 'model=2': expected comma-separated axis=size with axes data, fsdp, tensor (e.g. 'data=2,tensor=4') or 'auto'
+  """
+  if spec is None or not spec.strip():
+    return None
+  if spec.strip() == "auto":
+    return {}
+  axes: dict[str, int] = {}
+  for part in spec.split(","):
+    name, _, size = part.strip().partition("=")
+    if name not in sharding_lib.AXES or name in axes or not size.strip().isdigit() or int(size) < 1:
+      raise ValueError(f"mesh spec {spec!r}: expected comma-separated axis=size with axes "
+                       f"{', '.join(sharding_lib.AXES)} (e.g. 'data=2,tensor=4') or 'auto'")
+    axes[name] = int(size)
+  return axes
 
 
 # ---------------------------------------------------------------------------
@@ -208,6 +242,14 @@ class Job:
     if tokenizer.pad_token_id is None:
       tokenizer.pad_token = tokenizer.eos_token
     self.model, self.tokenizer = model, tokenizer
+    self.mesh = None
+    axes = parse_mesh(config.mesh)
+    if axes is not None:
+      self.mesh = sharding_lib.make_mesh(**axes)
+      batch_ways = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+      if config.batch_size % batch_ways:
+        raise ValueError(f"batch_size {config.batch_size} must be a multiple of data x fsdp = {batch_ways} "
+                         f"on the mesh {dict(self.mesh.shape)}")
     self.preset_rules = dict(preset_rules or {})
     self.arrays = {name: self._tokenize(split) for name, split in self.dataset.items()}
 
@@ -233,6 +275,22 @@ class Job:
   def _call(self, module: nnx.Module, batch: Mapping[str, jax.Array]) -> jax.Array:
     return module(batch["input_ids"], attention_mask=batch["attention_mask"])
 
+  def _place_on_mesh(self) -> None:
+    """Lays the model out on the mesh: parameters by the partition rules, everything else replicated."""
+    if self.mesh is None:
+      return
+    params = nnx.state(self.model, nnx.Param)
+    nnx.update(self.model, sharding_lib.shard_params(params, self.mesh))
+    others = nnx.state(self.model, nnx.Not(nnx.Param))
+    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    nnx.update(self.model, jax.device_put(others, replicated))
+
+  def place_batch(self, batch: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A batch split over the mesh's ``data`` x ``fsdp`` axes (unchanged without a mesh)."""
+    if self.mesh is None:
+      return batch
+    return {k: jax.device_put(v, sharding_lib.batch_sharding(self.mesh, np.ndim(v))) for k, v in batch.items()}
+
   def _loss_of(self, forward: Callable) -> Callable:
     return _classification_loss(forward) if self.task == "classification" else _sft_loss(forward)
 
@@ -248,6 +306,7 @@ class Job:
     tx = optax.adamw(self.schedule, weight_decay=c.weight_decay)
     head = self.preset_rules.get("full") or _HEAD_PATTERN
     if c.method in ("spra", "head"):
+      self._place_on_mesh()  # before sampling: on sharded leaves the mask is shard-local
       graphdef, params, rest = nnx.split(self.model, nnx.Param, ...)
       if c.method == "spra":
         rules = _select_rules(c, self.preset_rules)
@@ -269,10 +328,12 @@ class Job:
       rules = _select_rules(c, self.preset_rules)
       models.lora.apply_lora(self.model, rank=c.lora_rank, alpha=c.lora_alpha,
                              include=_module_pattern(rules.get("include") or r"(kernel)$"), rngs=nnx.Rngs(c.seed))
+      self._place_on_mesh()
       head_re = __import__("re").compile(head)
       trainable = lambda path, value: isinstance(value, nnx.LoRAParam) or (  # noqa: E731
           isinstance(value, nnx.Param) and bool(head_re.search(path_str(path))))
       return _DenseTrainer(self, trainable, tx)
+    self._place_on_mesh()
     return _DenseTrainer(self, nnx.Param, tx)
 
 
@@ -296,6 +357,7 @@ class _Trainer:
   def init(self) -> Any: ...
   def step(self, state: Any, batch: Mapping[str, jax.Array]) -> tuple[Any, jax.Array]: ...
   def module(self, state: Any) -> tuple[Any, Callable]: ...
+  def trained_variables(self, state: Any) -> Any: ...
   def trainable(self) -> int: ...
   def opt_state_bytes(self, state: Any) -> int: ...
 
@@ -323,7 +385,8 @@ class _LeanTrainer(_Trainer):
     def forward(params, rest, batch):
       return job._call(nnx.merge(graphdef, params, rest), batch)
 
-    self._lean = lean_step(job._loss_of(forward), tx)
+    make_step = lean_step if job.mesh is None else sharding_lib.sharded_lean_step
+    self._lean = make_step(job._loss_of(forward), tx)
     self._forward = jax.jit(forward)
 
   def init(self):
@@ -336,12 +399,15 @@ class _LeanTrainer(_Trainer):
     state = self._lean.flush(state)
     return state, lambda batch: self._forward(state.params, self.rest, batch)
 
+  def trained_variables(self, state):
+    return state.params
+
   def restore(self, ckpt, like):
     # Only the k trained entries of the weights are stored; the rest is the base.
     return ckpt.restore(like, base_params=like.params)
 
   def save_adapter(self, directory, state, save_fn, *, metadata):
-    state = self._lean.flush(state)
+    # ``state`` comes from module(), so it is flushed (flushing again would donate the buffers the model now holds).
     save_fn(directory, state.delta, metadata={**metadata, "method": self.job.config.method}, overwrite=True)
 
   def trainable(self):
@@ -380,6 +446,9 @@ class _DenseTrainer(_Trainer):
 
   def module(self, state):
     return state, lambda batch: self._forward(state[0], self.frozen, batch)
+
+  def trained_variables(self, state):
+    return state[0]
 
   def trainable(self):
     return int(sum(x.size for x in jax.tree.leaves(self._trainable)))
@@ -522,7 +591,9 @@ def finetune(
       checkpoint (the config must match the saved one).
     overwrite: delete whatever ``config.output`` holds and start over.
     model, tokenizer: a ready NNX model and its tokenizer, instead of loading
-      ``config.model`` (for models the library does not load itself).
+      ``config.model`` (for models the library does not load itself). The
+      model holds the trained weights when this returns (its old weight
+      buffers are donated to the training step: do not keep references to them).
     preset_rules: ``include``/``exclude``/``full`` rules to use as the preset
       (by default they come from ``spra.models.presets``).
     progress: show a progress bar with the loss and the throughput.
@@ -572,7 +643,7 @@ def finetune(
   t_train, examples = time.perf_counter(), 0
   for step in range(start_step + 1, total + 1):
     position, batch = next(batches)
-    state, loss = trainer.step(state, batch)
+    state, loss = trainer.step(state, job.place_batch(batch))
     loss = float(loss)  # blocks on the step: keeps one step in flight, and on meshes avoids collective pile-ups
     if not math.isfinite(loss):
       raise FloatingPointError(f"the training loss became {loss} at step {step}; lower --lr")
@@ -583,7 +654,7 @@ def finetune(
       bar.set_postfix(loss=f"{loss:.4f}", ex_per_s=f"{examples / (time.perf_counter() - t_train):.1f}")
     if step % config.eval_every == 0 or step == total:
       state, predict = trainer.module(state)
-      last_val = evaluate(predict, job.arrays["validation"], task=job.task, batch_size=config.batch_size,
+      last_val = evaluate(lambda b: predict(job.place_batch(b)), job.arrays["validation"], task=job.task, batch_size=config.batch_size,
                           limit=config.eval_examples)
       _append_jsonl(metrics_path, {"step": step, "split": "validation", **last_val})
       line = f"step {step}: validation " + " ".join(f"{k} {v:.4f}" for k, v in last_val.items())
@@ -596,7 +667,8 @@ def finetune(
   ckpt.close()
 
   state, predict = trainer.module(state)
-  test = evaluate(predict, job.arrays["test"], task=job.task, batch_size=config.batch_size)
+  nnx.update(job.model, trainer.trained_variables(state))  # the model object now holds what was trained
+  test = evaluate(lambda b: predict(job.place_batch(b)), job.arrays["test"], task=job.task, batch_size=config.batch_size)
   _append_jsonl(metrics_path, {"step": total, "split": "test", **test})
   adapter_dir = out / "adapter"
   trainer.save_adapter(adapter_dir, state, save_adapter, metadata={"config": config.identity()})
@@ -611,6 +683,7 @@ def finetune(
       "steps": total,
       "seconds": time.perf_counter() - t_start,
       "task": job.task,
+      "mesh": None if job.mesh is None else dict(job.mesh.shape),
       "output": str(out),
       "adapter": str(adapter_dir),
   }
