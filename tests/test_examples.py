@@ -113,3 +113,29 @@ def test_ablation_records_each_run_once_and_summarises_them(tmp_path, capsys):
   assert key(base, "uniform") != key(ablation.Settings(steps=5), "uniform")
   assert key(base, "uniform") == key(ablation.Settings(steps=4, block=(8, 8)), "uniform")
   assert key(base, "blocks") != key(ablation.Settings(steps=4, block=(8, 8)), "blocks")
+
+
+def test_merge_adapter_of_the_job_reproduces_it_and_exports_hf_layout(classify_run, tmp_path, capsys):
+  _, out = classify_run
+  export = tmp_path / "merged"
+  report = load("examples/merge_adapter.py").main(["--adapter", str(out / "adapter"), "--export", str(export),
+                                                   "--compare-examples", "16"])
+  assert report["weights_vs_float64_reference"] == 0.0  # one float32 rounding of base + delta, as merge promises
+  assert report["unmerge_vs_base"] < 1e-6
+  assert report["validation_reproduced"], (report["validation_merged"], report["validation_recorded"])
+  assert report["export_reloaded_vs_merged_logits"] < 1e-5
+  assert report["merged_vs_base_logits"] > 1e-3  # the adapter changes the model
+  assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(report["export_files"])
+  hf = json.loads((export / "config.json").read_text())
+  assert hf["architectures"] == ["BertForSequenceClassification"] and hf["id2label"] == {"0": "rotten", "1": "fresh"}
+  assert "| weights vs float64 reference | 0 |" in capsys.readouterr().out
+
+
+def test_resume_from_the_checkpoint_directory_is_bit_exact(tmp_path, capsys):
+  report = load("examples/resume.py").main(["--steps", "6", "--checkpoint-every", "2", "--crash-after", "5",
+                                            "--batch-size", "16", "--max-length", "16", "--output", str(tmp_path)])
+  assert report["checkpoints"] == [2, 4] and report["resumed_from"] == 4  # step 5 was lost with the "crash"
+  assert report["losses_identical"] and report["weights_identical"] and report["opt_state_identical"]
+  assert report["max_abs_weight_difference"] == 0.0
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2", "4"]
+  assert '"weights_identical": true' in capsys.readouterr().out
