@@ -21,7 +21,8 @@ same number of trainable parameters? This notebook runs a small sweep:
    and test accuracy and MCC, mean ± std over seeds, next to the majority class.
 
 The full-size sweep is `examples/ablation.py` (resumable, JSON lines, table and plot). The default configuration
-trains 18 short runs, which takes a while on a CPU runtime: lower `STEPS`, `SEEDS` or `DISTRIBUTIONS` for a quick look."""),
+trains 18 short runs, which takes a while on a CPU runtime: lower `STEPS`, `SEEDS` or `DISTRIBUTIONS` for a quick
+look."""),
     CODE("""import os, sys
 IN_COLAB = "COLAB_RELEASE_TAG" in os.environ
 # On Colab, install spra_jax from where you got it (a git URL or a wheel path) and the packages that ship the

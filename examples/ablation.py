@@ -72,6 +72,7 @@ class Settings:
   warmup_ratio: float = 0.06
   batch_size: int = 32
   max_length: int = 48
+  train_examples: int = 0
   eval_examples: int = 1000
   test_examples: int = 0
   block: tuple[int, int] = (16, 16)
@@ -120,7 +121,7 @@ class Task:
 
 def load_task(settings: Settings, ds: Any, tokenizer: Any) -> Task:
   """The dataset's splits, tokenised (validation and test cut to their first examples when asked)."""
-  limits = {"train": 0, "validation": settings.eval_examples, "test": settings.test_examples}
+  limits = {"train": settings.train_examples, "validation": settings.eval_examples, "test": settings.test_examples}
   arrays = {}
   for name, limit in limits.items():
     split = ds[name].select(range(min(limit, len(ds[name])))) if limit else ds[name]
@@ -240,7 +241,8 @@ def train_and_evaluate(runner: Runner, task: Task, params: Any, rest: Any, distr
 # ---------------------------------------------------------------------------
 
 
-def grid(distributions: Sequence[str], densities: Sequence[float], seeds: Sequence[int]) -> list[tuple[str, float, int]]:
+def grid(distributions: Sequence[str], densities: Sequence[float],
+         seeds: Sequence[int]) -> list[tuple[str, float, int]]:
   """Seed outermost, so each seed's model is loaded once."""
   return [(dist, d, s) for s in seeds for d in densities for dist in distributions]
 
@@ -335,7 +337,8 @@ def plot(records: Sequence[dict[str, Any]], png: pathlib.Path, *, title: str = "
   offset = {d: (j - (len(densities) - 1) / 2) * 0.8 / len(densities) for j, d in enumerate(densities)}
   colors = {d: f"C{j}" for j, d in enumerate(densities)}
   fig, axes = plt.subplots(1, 2, figsize=(max(8.0, 1.6 * len(dists) * 2), 3.8))
-  for ax, split_metric, label in ((axes[0], ("test", "accuracy"), "test accuracy"), (axes[1], ("test", "mcc"), "test MCC")):
+  panels = ((axes[0], ("test", "accuracy"), "test accuracy"), (axes[1], ("test", "mcc"), "test MCC"))
+  for ax, split_metric, label in panels:
     for r in records:
       x = dists.index(r["distribution"]) + offset[r["density"]]
       ax.plot(x, r[split_metric[0]][split_metric[1]], ".", color=colors[r["density"]], alpha=0.35)
@@ -379,6 +382,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--weight-decay", type=float, default=d.weight_decay)
   ap.add_argument("--batch-size", type=int, default=d.batch_size)
   ap.add_argument("--max-length", type=int, default=d.max_length)
+  ap.add_argument("--train-examples", type=int, default=d.train_examples, help="training examples used (0: all)")
   ap.add_argument("--eval-examples", type=int, default=d.eval_examples, help="validation examples (0: all)")
   ap.add_argument("--test-examples", type=int, default=d.test_examples, help="test examples (0: all)")
   ap.add_argument("--block", type=_csv(int), default=list(d.block), help="tile shape of 'blocks', e.g. 16,16")
@@ -397,8 +401,8 @@ def main(argv=None) -> list[dict[str, Any]]:
   args = parse_args(argv)
   settings = Settings(model=args.model, dataset=args.dataset, preset=args.preset, split_seed=args.split_seed,
                       steps=args.steps, lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
-                      max_length=args.max_length, eval_examples=args.eval_examples, test_examples=args.test_examples,
-                      block=tuple(args.block), fisher_batches=args.fisher_batches)
+                      max_length=args.max_length, train_examples=args.train_examples, eval_examples=args.eval_examples,
+                      test_examples=args.test_examples, block=tuple(args.block), fisher_batches=args.fisher_batches)
   out = pathlib.Path(args.output)
   records = sweep(settings, args.distributions, args.densities, args.seeds, out)
   rows = summarize(records)

@@ -53,6 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--lr", type=float, default=1e-2)
   ap.add_argument("--batch-size", type=int, default=16)
   ap.add_argument("--max-length", type=int, default=32)
+  ap.add_argument("--train-examples", type=int, default=2000, help="training examples used (0: the whole split)")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--output", default="runs/resume", help="the interrupted run's directory (emptied first)")
   args = ap.parse_args(argv)
@@ -70,6 +71,7 @@ class Run:
                                                    seed=args.seed)
     self.graphdef, self.base, self.rest = nnx.split(model, nnx.Param, ...)
     train = spra.data.load(args.dataset, seed=args.seed)["train"]
+    train = train.select(range(min(args.train_examples, len(train)))) if args.train_examples else train
     self.arrays = spra.data.tokenize_classification(train, tokenizer, max_length=args.max_length)
     rules = spra.models.presets.get("paper", "bert", task="sequence-classification")
     self.mask = spra.sample_mask(jax.random.key(args.seed), self.base, density=args.density, **rules)
