@@ -121,7 +121,8 @@ step = spra.lean_step(loss_fn, optax.adamw(schedule))
 
 records, curves = [], {}
 for seed in SEEDS:
-    seeded, _ = spra.models.from_pretrained("minilm", task="sequence-classification", num_labels=2, seed=seed)
+    seeded = model if seed == 0 else spra.models.from_pretrained(
+        "minilm", task="sequence-classification", num_labels=2, seed=seed)[0]
     _, params, rest = nnx.split(seeded, nnx.Param, ...)
     for name in DISTRIBUTIONS:
         t0 = time.perf_counter()
@@ -182,6 +183,9 @@ print(f"best mean test accuracy: {best} ({summary[best]['test_accuracy'][0]:.4f}
 the error bars before the means. For a real comparison, run `examples/ablation.py` with more seeds, steps and
 densities; it records each run as it finishes and resumes where it stopped."""),
 ]
+
+for i, cell in enumerate(cells):
+  cell["id"] = f"cell-{i:02d}"  # stable ids: rebuilding changes the file only where the cells change
 
 nb = nbf.v4.new_notebook(cells=cells, metadata={
     "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},

@@ -133,8 +133,8 @@ def main(argv=None) -> dict[str, Any]:
     adapter, trained_logits, job = train_fresh(args)
   saved = spra.load_adapter_config(adapter)
   config = FinetuneConfig(**{**saved["metadata"]["config"], "output": str(adapter.parent)})
-  if config.method != "spra":
-    raise SystemExit(f"{adapter} holds a {config.method!r} run; only SpaRTA adapters merge as sparse deltas")
+  if config.method not in ("spra", "head"):
+    raise SystemExit(f"{adapter} holds a {config.method!r} run; only SpaRTA (and head-only) runs save sparse deltas")
   if job is None:
     job = Job(config)  # the dataset split and tokenisation of the run
   if trained_logits is None:
