@@ -207,9 +207,10 @@ def _step(graphdef, state, token, position, cache, key, *, temperature, top_k, t
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _greedy_full(graphdef, state, ids, mask):
+  """The argmax token after every position [batch, seq], from one full forward pass."""
   positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
   logits = nnx.merge(graphdef, state)(ids, mask, positions=positions)
-  return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+  return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
 def generate_uncached(model: nnx.Module, input_ids: Any, *, max_new_tokens: int, attention_mask: Any = None,
@@ -235,15 +236,21 @@ def generate_uncached(model: nnx.Module, input_ids: Any, *, max_new_tokens: int,
   if pad_token_id is None:
     pad_token_id = int(eos[0]) if eos is not None else 0
   graphdef, state = nnx.split(model)
-  ids, done, out = input_ids, jnp.zeros((input_ids.shape[0],), bool), []
-  for _ in range(max_new_tokens):
-    token = _greedy_full(graphdef, state, ids, mask)
+  batch, prompt_len = input_ids.shape
+  # One fixed-size buffer (one compilation): slots not yet generated are masked out, and causal attention
+  # keeps them from touching the positions that are read.
+  ids = jnp.concatenate([input_ids, jnp.zeros((batch, max_new_tokens), jnp.int32)], axis=1)
+  mask = jnp.concatenate([mask, jnp.zeros((batch, max_new_tokens), jnp.int32)], axis=1)
+  done, out = jnp.zeros((batch,), bool), []
+  for i in range(max_new_tokens):
+    last = prompt_len + i - 1
+    token = _greedy_full(graphdef, state, ids, mask)[:, last]
     token = jnp.where(done, pad_token_id, token)
     out.append(token)
     if eos is not None:
       done = done | jnp.isin(token, eos)
       if bool(done.all()):
         break
-    ids = jnp.concatenate([ids, token[:, None]], axis=1)
-    mask = jnp.concatenate([mask, jnp.ones_like(mask[:, :1])], axis=1)
+    ids = ids.at[:, last + 1].set(token)
+    mask = mask.at[:, last + 1].set(1)
   return jnp.stack(out, axis=1)
