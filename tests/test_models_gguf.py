@@ -139,6 +139,36 @@ def test_quantised_tensors_dequantise_lazily_and_errors_are_clear(tmp_path):
     spra_gguf.read_gguf(tmp_path / "junk.gguf")
 
 
+def test_tokenizer_is_built_from_the_metadata(tmp_path):
+  writer = gguf.GGUFWriter(str(tmp_path / "tok.gguf"), "llama")
+  for key, value in [("block_count", 1), ("embedding_length", 8), ("feed_forward_length", 16),
+                     ("attention.head_count", 2)]:
+    writer.add_uint32(f"llama.{key}", value)
+  tokens = ["<s>", "</s>", "<pad>", "h", "i", "Ġ", "1", "2", "hi", "Ġhi", "12"]
+  writer.add_tokenizer_model("gpt2")
+  writer.add_tokenizer_pre("smollm")  # digits are split one by one, so the merge "1 2" never applies
+  writer.add_token_list(tokens)
+  writer.add_token_merges(["h i", "Ġ hi", "1 2"])
+  writer.add_token_types([3, 3, 3] + [1] * 8)
+  writer.add_bos_token_id(0)
+  writer.add_eos_token_id(1)
+  writer.add_pad_token_id(2)
+  writer.add_add_bos_token(True)
+  writer.add_chat_template("{% for m in messages %}{{ m['content'] }}</s>{% endfor %}")
+  writer.add_tensor("token_embd.weight", np.zeros((len(tokens), 8), np.float32))
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  config, _, tokenizer = spra_gguf.read_gguf(tmp_path / "tok.gguf")
+  assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"], config["vocab_size"]) == (0, 1, 2, 11)
+  assert tokenizer("hi hi12")["input_ids"] == [0, 8, 9, 6, 7]  # bos added, "12" split into digits
+  assert tokenizer("hi</s>")["input_ids"] == [0, 8, 1]  # a control token is one special token
+  assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == ("<s>", "</s>", "<pad>")
+  assert tokenizer.decode([0, 8, 9, 1], skip_special_tokens=True) == "hi hi"
+  assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "hi</s>"
+
+
 # --------------------------------------------------------------------------
 # The real SmolLM2-135M-Instruct.
 # --------------------------------------------------------------------------
