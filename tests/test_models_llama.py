@@ -90,6 +90,7 @@ def test_causal_lm_logits_match_pytorch(case):
   got = _forward(model, jnp.asarray(ids, jnp.int32), jnp.asarray(mask))
   assert got.shape == (3, 9, VOCAB) and got.dtype == jnp.float32
   diff = _max_diff_on_tokens(got, expected, mask)
+  print(f"{case}: logits max abs diff vs PyTorch {diff:.2e}")
   assert diff < 1e-4, f"{case}: max abs diff {diff}"
   assert hasattr(model, "lm_head") != bool(config.tie_word_embeddings)
   if case == "qwen2":
@@ -105,6 +106,7 @@ def test_sequence_classification_matches_pytorch_and_pools_the_last_token():
   expected = _torch_logits(reference, ids, mask)  # HF pools the rightmost non-pad token
   got = _forward(model, jnp.asarray(ids, jnp.int32), jnp.asarray(mask))
   assert got.shape == (3, 3)
+  print(f"sequence classification: max abs diff vs PyTorch {np.abs(np.asarray(got) - expected).max():.2e}")
   np.testing.assert_allclose(np.asarray(got), expected, atol=1e-4, rtol=0)
   # Without a mask, the pad token id decides (as in HF).
   np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids, jnp.int32))[:2]), expected[:2], atol=1e-4, rtol=0)
