@@ -347,7 +347,9 @@ def tokenize_sft(
       used for padding).
     prompt_column: the column with the prompts.
     response_column: the column with the target responses.
-    max_length: rows are right-padded or truncated to this many tokens.
+    max_length: rows are right-padded to this many tokens. A longer row
+      keeps its response (up to ``max_length - 1`` tokens) and loses prompt
+      tokens from the left, so every row trains on some response tokens.
     chat_template: use the tokenizer's chat template (default: when it has one).
     system: an optional system message for the chat template.
 
@@ -402,7 +404,13 @@ def tokenize_sft(
         prompt_ids = prompt_ids[:-1]  # an encoder tokenizer closes every text; the response follows instead
       response_ids = tokenizer(" " + response, add_special_tokens=False)["input_ids"]
       response_ids = response_ids + ([end_id] if end_id is not None else [])
-    row = (list(prompt_ids) + list(response_ids))[:max_length]
+    prompt_ids, response_ids = list(prompt_ids), list(response_ids)
+    if len(prompt_ids) + len(response_ids) > max_length:
+      # The loss lives on the response: keep it (all but one position) and cut the prompt from the left, so
+      # the turn's header stays next to the answer. A long chat template could otherwise leave no response.
+      response_ids = response_ids[: max_length - 1]
+      prompt_ids = prompt_ids[len(prompt_ids) - (max_length - len(response_ids)):] if prompt_ids else []
+    row = prompt_ids + response_ids
     ids[i, : len(row)] = row
     attention[i, : len(row)] = 1
     loss[i, len(prompt_ids): len(row)] = 1

@@ -124,6 +124,21 @@ def test_tokenize_sft_masks_the_prompt_with_a_chat_template(minilm_tokenizer):
     data.tokenize_sft(ds, minilm_tokenizer, prompt_column="q", response_column="a", chat_template=True)
 
 
+def test_tokenize_sft_keeps_the_response_when_the_prompt_is_too_long(minilm_tokenizer):
+  tok = transformers.AutoTokenizer.from_pretrained(data._minilm_dir())
+  tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} [SEP] {% endfor %}"
+                       "{% if add_generation_prompt %}<assistant> {% endif %}")
+  long_prompt = "please tell me, after a long and winding preamble about travel and maps, " * 3 + "the capital?"
+  ds = datasets.Dataset.from_dict({"q": [long_prompt, "short?"], "a": ["paris", "a much longer answer " * 10]})
+  out = data.tokenize_sft(ds, tok, prompt_column="q", response_column="a", max_length=16)
+  assert out["attention_mask"].sum(1).tolist() == [16, 16]
+  # Row 0: the prompt lost its start, the whole answer (and the turn's header before it) stayed.
+  assert tok.decode(out["input_ids"][0][out["loss_mask"][0] == 1]).split() == ["paris", "[SEP]"]
+  assert "assistant" in tok.decode(out["input_ids"][0][out["loss_mask"][0] == 0])
+  # Row 1: the answer is cut to max_length - 1 tokens; one prompt token stays to predict the first of them.
+  assert out["loss_mask"][1].sum() == 15 and out["loss_mask"][1][0] == 0
+
+
 def test_batches_resume_exactly():
   arrays = {"x": np.arange(23), "y": np.arange(23) * 2}
   full = data.batches(arrays, 5, seed=3)
