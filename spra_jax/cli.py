@@ -53,6 +53,8 @@ def parser() -> argparse.ArgumentParser:
   ft.add_argument("--eval-every", type=int, default=defaults.eval_every)
   ft.add_argument("--eval-examples", type=int, default=defaults.eval_examples,
                   help="validation examples per evaluation (0: all)")
+  ft.add_argument("--test-examples", type=int, default=defaults.test_examples,
+                  help="test examples of the final evaluation (0: all)")
   ft.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
   ft.add_argument("--lora-rank", type=int, default=defaults.lora_rank)
   ft.add_argument("--seed", type=int, default=defaults.seed)
@@ -89,8 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         distribution=args.distribution, preset=args.preset, include=args.include, exclude=args.exclude,
         full=args.full, lr=args.lr, weight_decay=args.weight_decay, steps=args.steps, epochs=args.epochs,
         batch_size=args.batch_size, max_length=args.max_length, eval_every=args.eval_every,
-        eval_examples=args.eval_examples, checkpoint_every=args.checkpoint_every, lora_rank=args.lora_rank,
-        seed=args.seed, mesh=args.mesh, output=args.output)
+        eval_examples=args.eval_examples, test_examples=args.test_examples, checkpoint_every=args.checkpoint_every,
+        lora_rank=args.lora_rank, seed=args.seed, mesh=args.mesh, output=args.output)
     try:
       results = finetune(config, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     except ValueError as e:

@@ -74,6 +74,7 @@ class FinetuneConfig:
     batch_size, max_length: the batch shape (fixed, so one compilation).
     eval_every: evaluate on the validation split every this many steps.
     eval_examples: cap on validation examples per evaluation (0 = all).
+    test_examples: cap on the test examples of the final evaluation (0 = all).
     checkpoint_every: save a resumable checkpoint every this many steps.
     seed: seeds the mask, the head's initialisation, the split and the order.
     lora_rank, lora_alpha: LoRA's rank and scale numerator.
@@ -105,6 +106,7 @@ class FinetuneConfig:
   max_length: int = 64
   eval_every: int = 100
   eval_examples: int = 0
+  test_examples: int = 0
   checkpoint_every: int = 100
   seed: int = 0
   lora_rank: int = 8
@@ -126,6 +128,9 @@ class FinetuneConfig:
     for name in ("batch_size", "max_length", "eval_every", "checkpoint_every", "lora_rank"):
       if getattr(self, name) <= 0:
         raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+    for name in ("eval_examples", "test_examples"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"{name} must be >= 0 (0 = all), got {getattr(self, name)}")
     if self.steps is None and self.epochs is None:
       raise ValueError("give steps or epochs")
     if self.steps is not None and self.steps <= 0 or self.epochs is not None and self.epochs <= 0:
@@ -668,7 +673,8 @@ def finetune(
 
   state, predict = trainer.module(state)
   nnx.update(job.model, trainer.trained_variables(state))  # the model object now holds what was trained
-  test = evaluate(lambda b: predict(job.place_batch(b)), job.arrays["test"], task=job.task, batch_size=config.batch_size)
+  test = evaluate(lambda b: predict(job.place_batch(b)), job.arrays["test"], task=job.task, batch_size=config.batch_size,
+                  limit=config.test_examples)
   _append_jsonl(metrics_path, {"step": total, "split": "test", **test})
   adapter_dir = out / "adapter"
   trainer.save_adapter(adapter_dir, state, save_adapter, metadata={"config": config.identity()})
@@ -688,7 +694,7 @@ def finetune(
       "adapter": str(adapter_dir),
   }
   if job.task == "classification":
-    labels = job.arrays["test"]["labels"]
+    labels = job.arrays["test"]["labels"][: config.test_examples or None]  # the rows the test metrics cover
     results["majority"] = float(np.bincount(labels).max() / len(labels))
   tmp = out / "results.json.tmp"
   tmp.write_text(json.dumps(results, indent=2))

