@@ -31,14 +31,15 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+import jax
 import ml_dtypes
 import numpy as np
 
-__all__ = ["LazyTensor", "SafetensorsTensor", "SafetensorsSource", "aligned_empty", "open_safetensors"]
+__all__ = ["LazyTensor", "SafetensorsTensor", "SafetensorsSource", "aligned_empty", "load_params", "open_safetensors"]
 
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -298,3 +299,80 @@ def open_safetensors(directory_or_file: str | os.PathLike) -> SafetensorsSource:
     return SafetensorsSource(tensors, [str(path.parent / s) for s in files])
 
   return SafetensorsSource(_read_header(path), [str(path)])
+
+
+def load_params(
+    params: list[tuple[str, Any]],
+    tensors: Mapping[str, Any],
+    *,
+    torch_name: Callable[[str], str],
+    candidates: Callable[[str], list[str]],
+    optional: tuple[str, ...],
+    strict: bool,
+    is_buffer: Callable[[str], bool] = lambda name: False,
+    hint: Callable[[list[str]], str] = lambda missing: "",
+) -> list[str]:
+  """Copies checkpoint tensors into NNX variables, one tensor at a time (the architectures' ``load_weights``).
+
+  ``params`` are ``(path, nnx.Variable)`` pairs, concrete or abstract. Every
+  shape is checked before anything is read; then each tensor is read (lazy
+  tensors are called), laid out ([out, in] -> [in, out] for ``.../kernel``),
+  cast into an aligned buffer and set, largest first, so host memory holds at
+  most one tensor beyond the model. A variable keeps the sharding it carries.
+
+  Args:
+    params: ``(path, variable)`` pairs of the model.
+    tensors: HF torch names -> lazy tensors or arrays.
+    torch_name: our path -> the torch name; ``candidates`` lists the names
+      a tensor may have in a checkpoint (prefixes, legacy names).
+    optional: path prefixes that may be missing (new heads).
+    strict: raise when a parameter outside ``optional`` has no tensor.
+    is_buffer: names of non-parameter tensors, left out of error listings.
+    hint: extra words for the missing-tensor error, given the missing paths.
+
+  Returns:
+    The sorted paths of the parameters that found no tensor.
+
+  Raises:
+    ValueError: a tensor whose shape does not fit (naming it, its shape and the
+      expected one), or missing tensors when ``strict``.
+  """
+  plan, missing = [], []
+  for path, var in params:
+    found = next((n for n in candidates(torch_name(path)) if n in tensors), None)
+    if found is None:
+      missing.append(path)
+      continue
+    tensor = tensors[found]
+    expected = tuple(reversed(var.shape)) if path.endswith("/kernel") else tuple(var.shape)
+    if tuple(tensor.shape) != expected:
+      raise ValueError(
+          f"checkpoint tensor {found!r} has shape {tuple(tensor.shape)}, but the model expects {expected} "
+          f"(for {path!r}); is the config right for this checkpoint?"
+      )
+    plan.append((path, var, tensor))
+
+  unexpected = [p for p in missing if not p.startswith(optional)]
+  if strict and unexpected:
+    known = [n for n in tensors if not is_buffer(n)]
+    raise ValueError(
+        f"{len(unexpected)} parameter(s) have no tensor in the checkpoint: "
+        f"{[torch_name(p) for p in unexpected[:12]]}{' …' if len(unexpected) > 12 else ''}{hint(unexpected)}; "
+        f"the checkpoint holds {len(known)} tensors such as {known[:6]}. Pass strict=False to keep them at init."
+    )
+
+  plan.sort(key=lambda item: -math.prod(item[1].shape))
+  for path, var, tensor in plan:
+    array = tensor() if callable(tensor) else np.asarray(tensor)
+    if path.endswith("/kernel"):
+      array = array.T
+    if array.dtype != var.dtype or not array.flags.c_contiguous or array.ctypes.data % 64:
+      # One host copy does layout and cast, into an aligned buffer that device_put can adopt
+      # without another copy (on CPU), so no tensor exists three times.
+      staged = aligned_empty(array.shape, var.dtype)
+      np.copyto(staged, array, casting="unsafe")
+      array = staged
+    # Keep a sharding the (abstract) variable already carries, e.g. from nnx.eval_shape under a mesh.
+    var.set_value(jax.device_put(array, getattr(var.get_value(), "sharding", None)))
+    del array
+  return sorted(missing)

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from spra_jax.models._io import aligned_empty
+from spra_jax.models._io import load_params
 
 __all__ = [
     "MODEL_TYPES",
@@ -515,47 +515,8 @@ def load_weights(model: nnx.Module, tensors: Mapping[str, Any], *, strict: bool 
     >>> bool(np.array_equal(model.bert.pooler.dense.kernel[...], source.pooler.dense.kernel[...]))
     True
   """
-  params = _flat_params(model)
-  plan, missing = [], []
-  for path, var in params:
-    name = torch_name(path)
-    found = next((n for n in _candidates(name) if n in tensors), None)
-    if found is None:
-      missing.append(path)
-      continue
-    tensor = tensors[found]
-    expected = tuple(reversed(var.shape)) if path.endswith("/kernel") else tuple(var.shape)
-    if tuple(tensor.shape) != expected:
-      raise ValueError(
-          f"checkpoint tensor {found!r} has shape {tuple(tensor.shape)}, but the model expects {expected} "
-          f"(for {path!r}); is the config right for this checkpoint?"
-      )
-    plan.append((path, var, found, tensor))
-
-  unexpected_missing = [p for p in missing if not p.startswith(_HEAD_PREFIXES)]
-  if strict and unexpected_missing:
-    known = [n for n in tensors if n not in _BUFFERS]
-    raise ValueError(
-        f"{len(unexpected_missing)} parameter(s) have no tensor in the checkpoint: "
-        f"{[torch_name(p) for p in unexpected_missing[:12]]}{' …' if len(unexpected_missing) > 12 else ''}; "
-        f"the checkpoint holds {len(known)} tensors such as {known[:6]}. Pass strict=False to keep them at init."
-    )
-
-  plan.sort(key=lambda item: -math.prod(item[1].shape))
-  for path, var, name, tensor in plan:
-    array = tensor() if callable(tensor) else np.asarray(tensor)
-    if path.endswith("/kernel"):
-      array = array.T
-    if array.dtype != var.dtype or not array.flags.c_contiguous or array.ctypes.data % 64:
-      # One host copy does layout and cast, into an aligned buffer that device_put can adopt
-      # without another copy (on CPU), so no tensor exists three times.
-      staged = aligned_empty(array.shape, var.dtype)
-      np.copyto(staged, array, casting="unsafe")
-      array = staged
-    # Keep a sharding the (abstract) variable already carries, e.g. from nnx.eval_shape under a mesh.
-    var.set_value(jax.device_put(array, getattr(var.get_value(), "sharding", None)))
-    del array
-  return sorted(missing)
+  return load_params(_flat_params(model), tensors, torch_name=torch_name, candidates=_candidates,
+                     optional=_HEAD_PREFIXES, strict=strict, is_buffer=lambda name: name in _BUFFERS)
 
 
 # --------------------------------------------------------------------------
