@@ -25,7 +25,7 @@ the way to generated text:
 
 **Runtime.** Pick *Runtime → Change runtime type → TPU* (or a GPU). On a TPU v2-8 the mesh has 8 devices and each
 step splits its batch 8 ways; on one GPU the mesh has one device. On a CPU runtime everything works the same, only
-slower: lower `STEPS`, `MAX_LENGTH` and `EVAL_EXAMPLES` (the tests run this notebook on a CPU with 2 steps of 2
+slower: lower `STEPS`, `MAX_LENGTH` and `EVAL_EXAMPLES` (the tests run this notebook on two CPU devices with 2 steps of 2
 examples)."""),
     CODE("""import os, sys, glob, shutil
 IN_COLAB = "COLAB_RELEASE_TAG" in os.environ

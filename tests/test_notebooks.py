@@ -18,8 +18,10 @@ NOTEBOOKS = sorted((ROOT / "colab").glob("*.ipynb"))
 SMALL = {
     "mask_ablations": {"SPRA_NB_DISTRIBUTIONS": "uniform,rows,magnitude", "SPRA_NB_SEEDS": "0", "SPRA_NB_STEPS": "3",
                        "SPRA_NB_BATCH_SIZE": "8", "SPRA_NB_MAX_LENGTH": "16", "SPRA_NB_EVAL_EXAMPLES": "32"},
-    # The shipped SmolLM2-135M (loaded twice: the job's model and the fresh base of the merge), one CPU device.
-    "finetune_tpu": {"SPRA_NB_MODEL": "smollm2-135m", "SPRA_NB_STEPS": "2", "SPRA_NB_BATCH_SIZE": "2",
+    # The shipped SmolLM2-135M (loaded twice: the job's model and the fresh base of the merge) on a mesh of two CPU
+    # devices (only the kernel sees them), so the batch of 1 is rounded up to 2 and each step splits it.
+    "finetune_tpu": {"XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+                     "SPRA_NB_MODEL": "smollm2-135m", "SPRA_NB_STEPS": "2", "SPRA_NB_BATCH_SIZE": "1",
                      "SPRA_NB_MAX_LENGTH": "64", "SPRA_NB_TRAIN_EXAMPLES": "64", "SPRA_NB_EVAL_EXAMPLES": "4",
                      "SPRA_NB_NEW_TOKENS": "8"},
 }
@@ -71,7 +73,8 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
     assert "best mean test accuracy:" in text and images == 2  # the masks and the results
   if path.stem == "finetune_tpu":
     assert "model smollm2-135m (offline), jeopardy, density 0.01, 2 steps" in text
-    assert "mesh: {'data': 1, 'fsdp': 1, 'tensor': 1}" in text and "batch size: 2 (a multiple of data x fsdp = 1)" in text
+    assert "mesh: {'data': 2, 'fsdp': 1, 'tensor': 1}" in text and "batch size: 2 (a multiple of data x fsdp = 2)" in text
+    assert "mesh: {'data': 2, 'fsdp': 1, 'tensor': 1}, 2 steps in" in text  # the job ran on that mesh
     assert "rows: {'train': 64, 'validation': 4, 'test': 4}" in text
     trainable = int(re.search(r"^trainable parameters: (\d+)$", text, re.M).group(1))
     assert 0 < trainable < 134_515_008 // 100  # 1 % of the V and O projections only
