@@ -180,10 +180,10 @@ base_params = nnx.state(base, nnx.Param)
 delta = spra.load_adapter(adapter_dir, base_params=base_params)
 merged = spra.merge(base_params, delta)
 
-to_host = lambda tree: [np.asarray(x) for x in jax.tree.leaves(tree)]
-trained_h, merged_h, base_h = to_host(nnx.state(model, nnx.Param)), to_host(merged), to_host(base_params)
-diff = max(float(np.abs(a - b).max()) for a, b in zip(merged_h, trained_h))
-moved = sum(int((a != b).sum()) for a, b in zip(trained_h, base_h))
+diff, moved = 0.0, 0
+for t, m, b in zip(*map(jax.tree.leaves, (nnx.state(model, nnx.Param), merged, base_params))):
+    t, m, b = np.asarray(t), np.asarray(m), np.asarray(b)  # one leaf at a time on the host (the arrays may be sharded)
+    diff, moved = max(diff, float(np.abs(m - t).max())), moved + int((t != b).sum())
 print(f"adapter entries: {delta.num_trainable}, entries the training moved: {moved}")
 print(f"max abs diff, merged vs trained: {diff:.3g}")
 print("merged == trained weights:", diff <= 1e-5)
