@@ -386,6 +386,10 @@ class _LeanTrainer(_Trainer):
   def __init__(self, job: Job, graphdef, params, rest, mask, tx):
     self.job, self.graphdef, self.rest, self.mask = job, graphdef, rest, mask
     self._params = params
+    # Taken now, from the base weights: training updates them in place. O(k): only the mask's entries are read.
+    from spra_jax.checkpoint.adapter import base_fingerprint
+
+    self._fingerprint = base_fingerprint(params, mask)
 
     def forward(params, rest, batch):
       return job._call(nnx.merge(graphdef, params, rest), batch)
@@ -413,7 +417,9 @@ class _LeanTrainer(_Trainer):
 
   def save_adapter(self, directory, state, save_fn, *, metadata):
     # ``state`` comes from module(), so it is flushed (flushing again would donate the buffers the model now holds).
-    save_fn(directory, state.delta, metadata={**metadata, "method": self.job.config.method}, overwrite=True)
+    save_fn(directory, state.delta, metadata={**metadata, "method": self.job.config.method,
+                                              "base_model": self.job.config.model},
+            base_fingerprint=self._fingerprint, overwrite=True)
 
   def trainable(self):
     return num_trainable(self.mask)

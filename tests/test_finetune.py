@@ -72,6 +72,15 @@ def test_each_method_trains_and_writes_its_outputs(method, tmp_path, reviews_csv
     delta = spra.load_adapter(out / "adapter")
     assert spra.num_trainable(delta.mask) == results["trainable"]
     assert head < results["trainable"] < 0.1 * params
+    # The adapter carries the base's fingerprint (taken before training moved the weights in place) and its name.
+    base = nnx.state(BagOfWords(tokenizer.vocab_size, 2, rngs=nnx.Rngs(0)), nnx.Param)
+    assert spra.load_adapter_config(out / "adapter")["base_model"] == "bag-of-words"
+    merged = spra.merge(base, spra.load_adapter(out / "adapter", base_params=base))
+    for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(nnx.state(model, nnx.Param))):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)  # the model holds the trained weights
+    with pytest.raises(ValueError, match="fingerprint|base"):
+      spra.load_adapter(out / "adapter", base_params=nnx.state(BagOfWords(tokenizer.vocab_size, 2, rngs=nnx.Rngs(1)),
+                                                               nnx.Param))
   elif method == "head":
     assert results["trainable"] == head
   else:

@@ -235,6 +235,9 @@ def base_fingerprint(base_params: Any, mask: Any) -> dict[str, dict[str, Any]]:
   return out
 
 
+_fingerprint_of = base_fingerprint  # save_adapter's keyword of the same name shadows the function
+
+
 def check_base(config: Mapping[str, Any], base_params: Any, mask: Any) -> None:
   """Raises ``ValueError`` if ``base_params`` is not the base an adapter was saved against.
 
@@ -317,6 +320,7 @@ def save_adapter(
     *,
     metadata: Mapping[str, Any] | None = None,
     base_params: Any = None,
+    base_fingerprint: Mapping[str, Any] | None = None,
     index_encoding: str = "int32",
     overwrite: bool = False,
 ) -> Path:
@@ -333,6 +337,9 @@ def save_adapter(
     base_params: the base weights the delta applies to. When given, their
       fingerprint is stored and every leaf's shape is checked against the mask;
       :func:`load_adapter` then refuses other weights. Only the k entries are read.
+    base_fingerprint: instead of ``base_params``, their fingerprint taken
+      earlier with :func:`base_fingerprint` (e.g. before a training step
+      updated the weights in place, as the lean path does).
     index_encoding: ``"int32"`` (4 bytes per index) or ``"gaps"`` (sorted gaps in
       1 or 2 bytes, per leaf whichever is smaller, with uint32 escapes).
     overwrite: replace an existing adapter at ``directory`` (atomically).
@@ -374,9 +381,13 @@ def save_adapter(
   flat = _flat_masks(delta.mask)
   mask_def = jax.tree.structure(delta.mask, is_leaf=is_leaf_mask)
   values = mask_def.flatten_up_to(delta.values)
+  if base_params is not None and base_fingerprint is not None:
+    raise ValueError("give base_params or base_fingerprint, not both.")
   fingerprint = None
   if base_params is not None:
-    fingerprint = {"algorithm": _FINGERPRINT_ALGORITHM, "leaves": base_fingerprint(base_params, delta.mask)}
+    base_fingerprint = _fingerprint_of(base_params, delta.mask)
+  if base_fingerprint is not None:
+    fingerprint = {"algorithm": _FINGERPRINT_ALGORITHM, "leaves": dict(base_fingerprint)}
 
   leaves, index_parts, value_parts = [], {}, {}
   for (p, m), v in zip(flat, values):
