@@ -59,11 +59,11 @@ def value_kernel(model):
 
 @pytest.mark.parametrize("method", ["spra", "full"])
 def test_job_on_a_mesh_matches_one_device(method, tmp_path, reviews_csv, tokenizer):
-  """Full fine-tuning on every mesh, and SpaRTA on a data-parallel mesh (same mask), equal the one-device run."""
+  """Full fine-tuning on a 2x4 mesh, and SpaRTA on a data-parallel one (same mask), equal the one-device run."""
   ref, ref_losses, ref_model = run(tmp_path, reviews_csv, tokenizer, method, None)
   assert ref["mesh"] is None
   meshes = {"auto": (8, 1, 1), "data=2,tensor=4": (2, 1, 4)}
-  for mesh in (["auto"] if method == "spra" else list(meshes)):
+  for mesh in (["auto"] if method == "spra" else ["data=2,tensor=4"]):
     results, losses, model = run(tmp_path, reviews_csv, tokenizer, method, mesh)
     assert results["mesh"] == dict(zip(("data", "fsdp", "tensor"), meshes[mesh]))
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
