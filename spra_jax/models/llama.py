@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from spra_jax.models._io import load_params
+from spra_jax.models._io import load_params, to_torch_layout, torch_name
 
 __all__ = [
     "MODEL_TYPES",
@@ -630,45 +630,8 @@ def build(config: LlamaConfig, *, task: str, num_labels: int | None = None, dtyp
 
 
 # --------------------------------------------------------------------------
-# Names, layouts and loading.
+# Names, layouts and loading (torch_name and to_torch_layout come from _io).
 # --------------------------------------------------------------------------
-
-_LEAF_TO_TORCH = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
-
-
-def torch_name(path: str) -> str:
-  """Our '/'-joined parameter path -> the HF torch state-dict name.
-
-  Example:
-
-    >>> torch_name('model/layers/2/mlp/down_proj/kernel')
-    'model.layers.2.mlp.down_proj.weight'
-    >>> torch_name('model/embed_tokens/embedding'), torch_name('model/norm/scale')
-    ('model.embed_tokens.weight', 'model.norm.weight')
-  """
-  *parents, leaf = path.split("/")
-  if leaf not in _LEAF_TO_TORCH:
-    raise ValueError(f"{path!r} does not end in a parameter name {tuple(_LEAF_TO_TORCH)}.")
-  return ".".join([*parents, _LEAF_TO_TORCH[leaf]])
-
-
-def to_torch_layout(path: str, array: Any) -> np.ndarray:
-  """A parameter in torch layout (Linear kernels [in, out] -> weights [out, in]), as a new numpy array.
-
-  Example:
-
-    >>> import numpy as np
-    >>> to_torch_layout('lm_head/kernel', np.zeros((8, 30))).shape
-    (30, 8)
-    >>> to_torch_layout('model/embed_tokens/embedding', np.zeros((30, 8))).shape
-    (30, 8)
-  """
-  array = np.asarray(array)
-  if path.split("/")[-1] == "kernel":
-    if array.ndim != 2:
-      raise ValueError(f"{path!r}: a Linear kernel must be 2-D, got shape {array.shape}.")
-    array = array.T
-  return np.array(array, order="C", copy=True)
 
 
 def _candidates(name: str) -> list[str]:
