@@ -11,7 +11,7 @@ export TRANSFORMERS_VERBOSITY := error
 export HF_DATASETS_DISABLE_PROGRESS_BARS := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: demo demo-digits test bench clean
+.PHONY: demo demo-digits test bench study clean
 
 # The CPU build of torch (the parity tests' reference) goes in first, so that no
 # dependency pulls a CUDA build; where a local +cpu wheel exists pip prefers it.
@@ -35,6 +35,10 @@ demo: $(STAMP)
 
 demo-digits: $(STAMP)
 	$(PY) examples/demo.py
+
+# The study behind examples/RESULTS.md (about an hour on 2 CPU cores; resumable: rerun to continue).
+study: $(STAMP)
+	$(PY) examples/study.py --workers 2
 
 # Two workers, each taking whole test files (module fixtures load a model or a dataset once per file):
 # about 12 minutes on 2 CPU cores, against about 17 in one process, which leaves a core idle while XLA compiles.

@@ -941,6 +941,20 @@ def magnitude(density: float, params: Any, *, largest: bool = True, **kwargs: An
   return TopK(density, jax.tree.map(jnp.abs, params), largest=largest, **kwargs)
 
 
+@functools.lru_cache(maxsize=8)
+def _cached_grad(loss_fn: Callable[..., jax.Array]) -> Callable:
+  return jax.jit(jax.grad(loss_fn))
+
+
+def _jitted_grad(loss_fn: Callable[..., jax.Array]) -> Callable:
+  """One compiled gradient per loss function (the last few kept), so the Fisher scores of every run of a sweep
+  compile once."""
+  try:
+    return _cached_grad(loss_fn)
+  except TypeError:  # an unhashable callable: no cache
+    return jax.jit(jax.grad(loss_fn))
+
+
 def fisher_scores(loss_fn: Callable[..., jax.Array], params: Any, batches: Any) -> Any:
   """A diagonal empirical Fisher estimate: squared gradients summed over batches.
 
@@ -958,7 +972,7 @@ def fisher_scores(loss_fn: Callable[..., jax.Array], params: Any, batches: Any) 
     >>> s['w'].tolist()
     [4.0, 64.0, 0.0]
   """
-  grad = jax.jit(jax.grad(loss_fn))
+  grad = _jitted_grad(loss_fn)
   total = None
   for batch in batches:
     g = grad(params, *(batch if isinstance(batch, tuple) else (batch,)))

