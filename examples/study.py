@@ -62,9 +62,10 @@ HERE = pathlib.Path(__file__).resolve().parent
 # ---------------------------------------------------------------------------
 
 LR_FACTORS = (1 / 3, 1.0, 3.0)
-# The centre of each method's grid: the customary AdamW learning rate of the method for short fine-tuning runs.
+# The centre of each method's grid: the customary AdamW learning rate of the method for short fine-tuning runs
+# (a head alone learns from scratch on frozen features and takes a large one).
 LR_CENTRES = {
-    "encoder": {"full": 1e-4, "head": 1e-2, "lora": 3e-3, "spra": 1e-2},
+    "encoder": {"full": 1e-4, "head": 1e-1, "lora": 3e-3, "spra": 1e-2},
     "decoder": {"full": 3e-5, "head": 3e-3, "lora": 1e-3, "spra": 3e-3},
 }
 SEEDS = (0, 1, 2)
