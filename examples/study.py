@@ -806,7 +806,7 @@ def plot_tradeoff(entries: Sequence[dict[str, Any]], png: pathlib.Path) -> None:
       ax.errorbar([e["trainable"] for e in pts], [e["acc"][0] for e in pts], yerr=[e["acc"][1] for e in pts],
                   fmt=fmt if method == "spra" else fmt, color=color, capsize=3, label=name, ms=7)
     ax.set_xscale("log")
-    ax.set(xlabel="trainable parameters", ylabel="test accuracy (mean ± std, 3 seeds)", title=table)
+    ax.set(xlabel="trainable parameters", ylabel="test accuracy (mean ± std over seeds)", title=table)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
   fig.tight_layout()
