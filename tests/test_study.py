@@ -45,7 +45,7 @@ def test_study_smoke_writes_the_three_tables_and_resumes_from_its_run_records(ti
   # Table 3's placements keep the count of 1 % of V/O (each leaf rounds on its own).
   t3 = [e for (t, _), e in entries.items() if t == "Table 3"]
   assert max(e["trainable"] for e in t3) - min(e["trainable"] for e in t3) <= 1000
-  full = entries[("Table 1: rotten-tomatoes", "full fine-tuning")]
+  full = entries[("Table 2", "full fine-tuning")]
   # AdamW's two f32 moments per parameter (plus a few scalar counters and the learning rate).
   assert full["trainable"] == full["parameters"]
   assert 2 * 4 * full["parameters"] <= full["opt_state_bytes"] <= 2 * 4 * full["parameters"] + 64
