@@ -36,7 +36,7 @@ demo: $(STAMP)
 demo-digits: $(STAMP)
 	$(PY) examples/demo.py
 
-# The study behind examples/RESULTS.md (about an hour on 2 CPU cores; resumable: rerun to continue).
+# The study behind examples/RESULTS.md (about 75 minutes on 2 CPU cores; resumable: rerun to continue).
 study: $(STAMP)
 	$(PY) examples/study.py --workers 2
 

@@ -33,7 +33,7 @@ A rerun skips finished runs, so an interrupted study resumes where it stopped
 and ``--render-only`` rebuilds the tables and plots instantly from the files.
 
 Run:
-  python examples/study.py                 # the full study (about an hour on 2 CPU cores)
+  python examples/study.py --workers 2     # the full study (about 75 minutes on 2 CPU cores)
   python examples/study.py --render-only   # tables and plots from the saved runs
   python examples/study.py --smoke --output /tmp/smoke --results /tmp/smoke/RESULTS.md   # a 1-minute check
 """
