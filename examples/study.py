@@ -35,7 +35,7 @@ and ``--render-only`` rebuilds the tables and plots instantly from the files.
 Run:
   python examples/study.py --workers 2     # the full study (about 75 minutes on 2 CPU cores)
   python examples/study.py --render-only   # tables and plots from the saved runs
-  python examples/study.py --smoke --output /tmp/smoke --results /tmp/smoke/RESULTS.md   # a 1-minute check
+  python examples/study.py --smoke --output /tmp/smoke --results /tmp/smoke/RESULTS.md   # a check of the pipeline in minutes
 """
 
 from __future__ import annotations
