@@ -230,10 +230,8 @@ class Store:
 class Lab:
   """Loaded datasets, pretrained models per seed, and compiled steps shared by every run of a process."""
 
-  def __init__(self, scales: dict[str, Scale], *, log: Callable[[str], None] = print):
-    import jax  # noqa: F401  (imported here so a parent process that only renders never starts JAX)
-
-    self.scales, self.log = scales, log
+  def __init__(self, scales: dict[str, Scale]):
+    self.scales = scales
     self._datasets: dict[str, Any] = {}
     self._arrays: dict[tuple, Any] = {}
     self._bases: dict[tuple, Any] = {}
@@ -304,7 +302,7 @@ class Lab:
         state, frozen = engine.init(params), rest
       else:
         if row.method == "head":
-          mask = spra.masks.from_dense(_head_only(params, rules["full"]))
+          mask = spra.masks.from_dense(_role_is(params, rules, spra.masks.FULL))
         else:
           density = resolve_density(row, params, model_type)
           dist = self._distribution(row, density, params, rest, arrays, seed, graphdef)
@@ -349,7 +347,7 @@ class Lab:
         train_s=time.perf_counter() - t0 - setup, final_loss=float(np.mean(losses[-max(1, len(losses) // 5):])),
         parameters=int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))),
         single_threaded="intra_op_parallelism_threads=1" in os.environ.get("XLA_FLAGS", ""))
-    return Trained(lambda batch: engine.predict(state, frozen, batch), arrays, scale, info)
+    return Trained(lambda batch: engine.predict(state, frozen, batch), arrays, info)
 
   def _tx(self, scale: Scale):
     """AdamW with warm-up and cosine decay; the peak learning rate lives in the state, so one compilation serves
@@ -387,15 +385,13 @@ class Trained:
   """A trained run, kept in memory until its evaluations are done."""
 
   predict: Callable
-  arrays: dict[str, Any]
-  scale: Scale
+  arrays: dict[str, Any]  # already cut to the scale's validation and test counts
   info: dict[str, Any]
 
   def evaluate(self, split: str) -> dict[str, float]:
     from spra_jax.finetune import evaluate
 
-    limit = self.scale.eval_examples if split == "validation" else self.scale.test_examples
-    return evaluate(self.predict, self.arrays[split], task="classification", batch_size=64, limit=limit)
+    return evaluate(self.predict, self.arrays[split], task="classification", batch_size=64)
 
 
 def _forward(graphdef):
@@ -406,22 +402,6 @@ def _forward(graphdef):
   return forward
 
 
-def _loss(forward):
-  import jax.numpy as jnp
-  import optax
-
-  def loss_fn(trainable, frozen, batch):
-    logits = forward(trainable, frozen, batch).astype(jnp.float32)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
-  return loss_fn
-
-
-def _tree_bytes(tree) -> int:
-  import jax
-
-  return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype")))
-
-
 class LeanEngine:
   """SpaRTA and head-only: the memory-lean step over a mask (one compilation per set of per-leaf counts)."""
 
@@ -429,15 +409,14 @@ class LeanEngine:
     import jax
 
     import spra_jax as spra
+    from spra_jax.finetune import _classification_loss
 
     forward = _forward(graphdef)
-    self.loss_fn = _loss(forward)
+    self.loss_fn = _classification_loss(forward)
     self._step = spra.lean_step(self.loss_fn, tx)
     self._forward = jax.jit(forward)
-    self._mask = None
 
   def init(self, params, mask):
-    self._mask = mask
     return self._step.init(params, mask)
 
   def step(self, state, frozen, batch):
@@ -455,6 +434,8 @@ class LeanEngine:
     return spra.num_trainable(state.delta.mask)
 
   def opt_state_bytes(self, state) -> int:
+    from spra_jax.finetune import _tree_bytes
+
     # The compact moments plus the indices that say where they belong (the mask is part of the method's state).
     return _tree_bytes(state.opt_state) + _tree_bytes(state.delta.mask)
 
@@ -466,8 +447,10 @@ class DenseEngine:
     import jax
     import optax
 
+    from spra_jax.finetune import _classification_loss
+
     forward = _forward(graphdef)
-    self.loss_fn, self.tx = _loss(forward), tx
+    self.loss_fn, self.tx = _classification_loss(forward), tx
 
     def step(state, frozen, batch):
       trainable, opt_state = state
@@ -496,42 +479,41 @@ class DenseEngine:
     return int(sum(x.size for x in jax.tree.leaves(state[0])))
 
   def opt_state_bytes(self, state) -> int:
+    from spra_jax.finetune import _tree_bytes
+
     return _tree_bytes(state[1])
 
 
-def _matches(params, rules) -> list[tuple[str, Any]]:
-  """The (path, leaf) pairs a preset makes sparse: included, not excluded, not trained fully."""
-  import jax
-
-  import spra_jax as spra
-
-  inc, exc, full = (re.compile(rules[k]) if rules.get(k) else None for k in ("include", "exclude", "full"))
-  out = []
-  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    name = spra.masks.path_str(path)
-    if (inc is None or inc.search(name)) and not (exc and exc.search(name)) and not (full and full.search(name)):
-      out.append((name, leaf))
-  return out
-
-
-def _eligible(params, rules) -> int:
-  return int(sum(leaf.size for _, leaf in _matches(params, rules)))
-
-
-def _head_only(params, head_pattern: str):
+def _role_is(params, rules, role: str):
+  """A tree of bool arrays: True on every entry of the leaves that ``rules`` give ``role`` (``spra.masks.leaf_roles``)."""
   import jax
   import numpy as np
 
   import spra_jax as spra
 
-  head = re.compile(head_pattern)
-  return jax.tree_util.tree_map_with_path(
-      lambda p, x: np.full(x.shape, bool(head.search(spra.masks.path_str(p)))), params)
+  roles = spra.masks.leaf_roles(params, **rules)
+  return jax.tree_util.tree_map_with_path(lambda p, x: np.full(x.shape, roles[spra.masks.path_str(p)] == role),
+                                          params)
+
+
+def _sparse_leaves(params, rules) -> list[tuple[str, Any]]:
+  """The (path, leaf) pairs a preset makes sparse."""
+  import jax
+
+  import spra_jax as spra
+
+  roles = spra.masks.leaf_roles(params, **rules)
+  named = [(spra.masks.path_str(p), leaf) for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]]
+  return [(name, leaf) for name, leaf in named if roles[name] == spra.masks.SPARSE]
+
+
+def _eligible(params, rules) -> int:
+  return int(sum(leaf.size for _, leaf in _sparse_leaves(params, rules)))
 
 
 def lora_count(params, rules, rank: int) -> int:
   """The parameters LoRA of ``rank`` adds on the preset's projections: rank x (in + out) per kernel."""
-  return int(sum(rank * (leaf.shape[0] + leaf.shape[1]) for name, leaf in _matches(params, rules)
+  return int(sum(rank * (leaf.shape[0] + leaf.shape[1]) for name, leaf in _sparse_leaves(params, rules)
                  if name.endswith("kernel") and leaf.ndim == 2))
 
 
@@ -566,7 +548,7 @@ def _metrics(trained: Trained, splits: Iterable[str]) -> dict[str, Any]:
     out[split] = trained.evaluate(split)
     out[f"{split}_eval_s"] = time.perf_counter() - t
     if split == "test":
-      labels = trained.arrays["test"]["labels"][: trained.scale.test_examples or None]
+      labels = trained.arrays["test"]["labels"]
       out["majority"] = float(np.bincount(labels).max() / len(labels))
   return out
 
@@ -581,7 +563,7 @@ def best_lr(row: Row, records: dict[float, dict[str, Any]]) -> float:
   return max(row.lrs(), key=score)
 
 
-def run_row(row: Row, lab: Lab | None, store: Store, scales: dict[str, Scale], *,
+def run_row(row: Row, lab: Lab, store: Store, scales: dict[str, Scale], *,
             log: Callable[[str], None] = print) -> int:
   """Runs what the row still lacks in the store; returns how many runs trained."""
   scale = scales[row.family]
@@ -592,7 +574,6 @@ def run_row(row: Row, lab: Lab | None, store: Store, scales: dict[str, Scale], *
     spec = row.spec(scale, lr, TUNING_SEED)
     record = store.get(spec)
     if record is None:
-      lab = lab or Lab(scales, log=log)
       kept[lr] = lab.train(row, lr, TUNING_SEED)
       record = store.put(spec, _metrics(kept[lr], ["validation"]))
       trained_now += 1
@@ -608,7 +589,6 @@ def run_row(row: Row, lab: Lab | None, store: Store, scales: dict[str, Scale], *
     record = store.get(spec)
     if record is not None and "test" in record:
       continue
-    lab = lab or Lab(scales, log=log)
     trained = kept.pop(chosen) if seed == TUNING_SEED and chosen in kept else None
     if trained is None:
       trained = lab.train(row, chosen, seed)
@@ -656,7 +636,7 @@ def work(rows: Sequence[Row], store: Store, scales: dict[str, Scale], *, claims:
     if chosen is not None and len(runs) == len(row.seeds):
       continue
     log(f"[{i}/{len(rows)}] {row.table} | {row.label}")
-    lab = lab or Lab(scales, log=log)
+    lab = lab or Lab(scales)
     trained += run_row(row, lab, store, scales, log=log)
   return trained
 
@@ -697,8 +677,7 @@ def summarize(rows: Sequence[Row], store: Store, scales: dict[str, Scale]):
           acc=_ms(r["test"]["accuracy"] for r in runs), mcc=_ms(r["test"]["mcc"] for r in runs),
           trainable=runs[0]["trainable"], parameters=runs[0]["parameters"],
           opt_state_bytes=runs[0]["opt_state_bytes"], step_ms=statistics.median(r["step_ms"] for r in runs),
-          edge=chosen in (row.lrs()[0], row.lrs()[-1]), density=runs[0].get("density"),
-          val_acc=grid[chosen]["validation"]["accuracy"])
+          edge=chosen in (row.lrs()[0], row.lrs()[-1]))
     out.append(entry)
   return out
 
@@ -745,7 +724,7 @@ def lr_markdown(entries: Sequence[dict[str, Any]]) -> str:
 
 def findings(entries: Sequence[dict[str, Any]]) -> list[str]:
   """Comparisons computed from the numbers: SpaRTA vs LoRA at equal counts, and the ablation against uniform."""
-  by = {(e["row"].table, e["row"].label): e for e in entries if e["runs"]}
+  done = [e for e in entries if e["runs"]]
   out = []
 
   def diff(a, b, what):
@@ -754,21 +733,22 @@ def findings(entries: Sequence[dict[str, Any]]) -> list[str]:
     verdict = "within the seed spread" if abs(d) <= noise else ("better" if d > 0 else "worse")
     return d, noise, verdict
 
-  for (table, label), e in by.items():
-    m = re.match(r"SpaRTA at LoRA-(\d+)'s count|SpaRTA, V/O \+ head \(paper preset\), LoRA-(\d+) count", label)
-    if not m:
+  for e in done:
+    row = e["row"]
+    if row.method != "spra" or not row.budget.startswith("lora-rank="):
       continue
-    rank = m.group(1) or m.group(2)
-    lora = next((v for (t, l), v in by.items() if t == table and l.startswith(f"LoRA rank {rank},")), None)
+    rank = int(row.budget.partition("=")[2])
+    lora = next((v for v in done if v["row"].table == row.table and v["row"].method == "lora"
+                 and v["row"].rank == rank), None)
     if lora is None:
       continue
     da, na, va = diff(e, lora, "acc")
     dm, nm, vm = diff(e, lora, "mcc")
-    out.append(f"{table}: SpaRTA at LoRA rank {rank}'s count ({e['trainable']:,} vs {lora['trainable']:,} trainable) "
-               f"minus LoRA: accuracy {da:+.3f} ({va}, spread {na:.3f}), MCC {dm:+.3f} ({vm}, spread {nm:.3f}); "
-               f"optimizer state {e['opt_state_bytes'] / lora['opt_state_bytes']:.2f}x LoRA's, step time "
+    out.append(f"{row.table}: SpaRTA at LoRA rank {rank}'s count ({e['trainable']:,} vs {lora['trainable']:,} "
+               f"trainable) minus LoRA: accuracy {da:+.3f} ({va}, spread {na:.3f}), MCC {dm:+.3f} ({vm}, spread "
+               f"{nm:.3f}); optimizer state {e['opt_state_bytes'] / lora['opt_state_bytes']:.2f}x LoRA's, step time "
                f"{e['step_ms'] / lora['step_ms']:.2f}x.")
-  t3 = [e for (t, _), e in by.items() if t == "Table 3"]
+  t3 = [e for e in done if e["row"].table == "Table 3"]
   uniform = next((e for e in t3 if e["row"].distribution == "uniform" and e["row"].preset == "paper"), None)
   if uniform:
     ranked = sorted(t3, key=lambda e: -e["acc"][0])
@@ -805,7 +785,7 @@ def plot_tradeoff(entries: Sequence[dict[str, Any]], png: pathlib.Path) -> None:
       if not pts:
         continue
       ax.errorbar([e["trainable"] for e in pts], [e["acc"][0] for e in pts], yerr=[e["acc"][1] for e in pts],
-                  fmt=fmt if method == "spra" else fmt, color=color, capsize=3, label=name, ms=7)
+                  fmt=fmt, color=color, capsize=3, label=name, ms=7)
     ax.set_xscale("log")
     ax.set(xlabel="trainable parameters", ylabel="test accuracy (mean ± std over seeds)", title=table)
     ax.grid(alpha=0.3)

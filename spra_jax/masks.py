@@ -59,6 +59,7 @@ __all__ = [
     "get",
     "available",
     "sample_mask",
+    "leaf_roles",
     "num_trainable",
     "summary",
     "summary_rows",
@@ -1023,6 +1024,55 @@ def _example_paths(paths: Sequence[str], limit: int = 6) -> str:
   return shown + (f", … ({len(paths)} leaves)" if len(paths) > limit else "")
 
 
+def leaf_roles(params: Any, *, include: Pattern = None, exclude: Pattern = None,
+               full: Pattern = None) -> dict[str, str]:
+  """The role :func:`sample_mask` gives each leaf: ``SPARSE``, ``FULL`` or ``FROZEN``, by '/'-joined path.
+
+  A floating-point leaf is ``FULL`` when ``full`` matches its path, else
+  ``SPARSE`` when ``include`` matches (or is None) and ``exclude`` does not;
+  everything else is ``FROZEN``. Use it to size a budget before sampling, e.g.
+  the eligible entries a preset exposes.
+
+  Raises:
+    ValueError: ``params`` has no leaves, or a pattern matches no leaf.
+
+  Example:
+
+    >>> import jax.numpy as jnp
+    >>> params = {'attn': {'v': jnp.zeros((4, 4)), 'q': jnp.zeros((4, 4))}, 'head': jnp.zeros(3),
+    ...           'ids': jnp.arange(2)}
+    >>> leaf_roles(params, include='attn/v', full='head')
+    {'attn/q': 'frozen', 'attn/v': 'sparse', 'head': 'full', 'ids': 'frozen'}
+  """
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  paths = [path_str(p) for p, _ in flat]
+  return dict(zip(paths, _roles(paths, [_shape_dtype(leaf)[1] for _, leaf in flat], include, exclude, full)))
+
+
+def _roles(paths: Sequence[str], dtypes: Sequence[np.dtype], include: Pattern, exclude: Pattern,
+           full: Pattern) -> list[str]:
+  """:func:`leaf_roles` as a list in leaf order (what :func:`sample_mask` uses)."""
+  include_re = _compile(include, "include")
+  exclude_re = _compile(exclude, "exclude")
+  full_re = _compile(full, "full")
+  if not paths:
+    raise ValueError("params has no leaves; nothing to mask.")
+  for pattern, name in ((include_re, "include"), (exclude_re, "exclude"), (full_re, "full")):
+    if pattern is not None and not any(pattern.search(p) for p in paths):
+      raise ValueError(f"{name}={pattern.pattern!r} matches no leaf; leaf paths look like {_example_paths(paths)}.")
+  roles = []
+  for path, dtype in zip(paths, dtypes):
+    if not _is_trainable_dtype(dtype):
+      roles.append(FROZEN)
+    elif full_re is not None and full_re.search(path):
+      roles.append(FULL)
+    elif (include_re is None or include_re.search(path)) and not (exclude_re is not None and exclude_re.search(path)):
+      roles.append(SPARSE)
+    else:
+      roles.append(FROZEN)
+  return roles
+
+
 def sample_mask(
     key: Any,
     params: Any,
@@ -1087,30 +1137,10 @@ def sample_mask(
   """
   dist = resolve_distribution(distribution, density)
   key = _as_key(key)
-  include_re = _compile(include, "include")
-  exclude_re = _compile(exclude, "exclude")
-  full_re = _compile(full, "full")
-
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-  if not flat:
-    raise ValueError("params has no leaves; nothing to mask.")
   paths = [path_str(p) for p, _ in flat]
   shapes_dtypes = [_shape_dtype(leaf) for _, leaf in flat]
-
-  for pattern, name in ((include_re, "include"), (exclude_re, "exclude"), (full_re, "full")):
-    if pattern is not None and not any(pattern.search(p) for p in paths):
-      raise ValueError(f"{name}={pattern.pattern!r} matches no leaf; leaf paths look like {_example_paths(paths)}.")
-
-  roles = []
-  for path, (_, dtype) in zip(paths, shapes_dtypes):
-    if not _is_trainable_dtype(dtype):
-      roles.append(FROZEN)
-    elif full_re is not None and full_re.search(path):
-      roles.append(FULL)
-    elif (include_re is None or include_re.search(path)) and not (exclude_re is not None and exclude_re.search(path)):
-      roles.append(SPARSE)
-    else:
-      roles.append(FROZEN)
+  roles = _roles(paths, [d for _, d in shapes_dtypes], include, exclude, full)
 
   eligible = [i for i, r in enumerate(roles) if r == SPARSE]
   if not eligible and FULL not in roles:

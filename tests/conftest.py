@@ -1,6 +1,9 @@
 """Shared test set-up: offline always, one CPU device, small helpers."""
 
+import importlib.util
 import os
+import pathlib
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -90,3 +93,13 @@ def tiny_llama_dir(tmp_path_factory):
   (folder / "config.json").write_text(json.dumps(config))
   tokenizer.save_pretrained(str(folder))
   return folder
+
+
+def load_example(relative):
+  """Imports a script of the repository (e.g. ``examples/study.py``) as a module, by its path."""
+  path = pathlib.Path(__file__).resolve().parents[1] / relative
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # dataclasses look their module up there
+  spec.loader.exec_module(module)
+  return module

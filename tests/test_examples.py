@@ -4,21 +4,12 @@ import importlib.util
 import json
 import pathlib
 import re
-import sys
 
 import numpy as np
 import pytest
+from conftest import load_example as load
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def load(relative):
-  path = ROOT / relative
-  spec = importlib.util.spec_from_file_location(path.stem, path)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module  # dataclasses look their module up there
-  spec.loader.exec_module(module)
-  return module
 
 
 def test_demo_learns_the_rotated_digits(capsys):

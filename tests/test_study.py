@@ -1,20 +1,8 @@
 """The study runner (examples/study.py) end to end, in its smoke size."""
 
-import importlib.util
 import json
-import pathlib
-import sys
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def load(relative):
-  path = ROOT / relative
-  spec = importlib.util.spec_from_file_location(path.stem, path)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module  # dataclasses look their module up there
-  spec.loader.exec_module(module)
-  return module
+from conftest import load_example as load
 
 
 def test_study_smoke_writes_the_three_tables_and_resumes_from_its_run_records(tiny_llama_dir, tmp_path, capsys):
