@@ -30,7 +30,7 @@ from spra_jax.masks import LeafMask, from_dense, num_trainable, sample_mask, to_
 from spra_jax.masks import summary as mask_summary
 from spra_jax.transform import SparseMaskedState, mask_of, masked
 
-from spra_jax import sharding  # noqa: E402  (after the modules it builds on)
+from spra_jax import recipes, sharding  # noqa: E402  (after the modules they build on)
 
 __version__ = "0.1.0"
 
@@ -64,6 +64,7 @@ __all__ = [
     "models",
     "nnx",
     "num_trainable",
+    "recipes",
     "sample_mask",
     "save_adapter",
     "sharding",

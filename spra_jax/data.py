@@ -48,6 +48,7 @@ __all__ = [
     "batches",
     "load",
     "num_batches",
+    "num_rows",
     "tokenize_classification",
     "tokenize_sft",
 ]
@@ -441,11 +442,16 @@ def num_batches(arrays: Mapping[str, np.ndarray], batch_size: int, *, drop_remai
   >>> num_batches({"x": np.zeros(10)}, 4), num_batches({"x": np.zeros(10)}, 4, drop_remainder=False)
   (2, 3)
   """
-  n = _num_rows(arrays)
+  n = num_rows(arrays)
   return n // batch_size if drop_remainder else -(-n // batch_size)
 
 
-def _num_rows(arrays: Mapping[str, np.ndarray]) -> int:
+def num_rows(arrays: Mapping[str, np.ndarray]) -> int:
+  """The number of rows of equally long arrays (a tokenised split).
+
+  >>> num_rows({"input_ids": np.zeros((3, 8)), "labels": np.zeros(3)})
+  3
+  """
   sizes = {k: len(v) for k, v in arrays.items()}
   if len(set(sizes.values())) != 1:
     raise ValueError(f"all arrays must have the same number of rows, got {sizes}")
@@ -485,7 +491,7 @@ def batches(
   """
   if batch_size <= 0:
     raise ValueError(f"batch_size must be positive, got {batch_size}")
-  n = _num_rows(arrays)
+  n = num_rows(arrays)
   per_epoch = num_batches(arrays, batch_size, drop_remainder=drop_remainder)
   if per_epoch == 0:
     raise ValueError(f"batch_size {batch_size} is larger than the {n} rows (with drop_remainder=True)")

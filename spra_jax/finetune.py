@@ -17,6 +17,10 @@ Methods:
 * ``lora``: LoRA adapters of ``lora_rank`` on the preset's projections.
 * ``full``: every parameter trains.
 
+The methods themselves (losses, trainers, evaluation, the schedule) live in
+:mod:`spra_jax.recipes`; this module owns the config, the loop and the output
+directory.
+
 Everything that decides the result lives in the config, which is saved as
 ``config.json`` in the output directory; resuming refuses a directory written
 by a run with a different config.
@@ -30,26 +34,19 @@ import math
 import os
 import pathlib
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from spra_jax import data as data_lib
+from spra_jax import recipes
 from spra_jax import sharding as sharding_lib
-from spra_jax import metrics as metrics_lib
-from spra_jax.delta import SparseDelta, extract
-from spra_jax.lean import lean_step
-from spra_jax.masks import from_dense, get as get_distribution, num_trainable, path_str, sample_mask
+from spra_jax.recipes import METHODS
 
 __all__ = ["FinetuneConfig", "METHODS", "finetune", "Job"]
-
-METHODS = ("spra", "head", "lora", "full")
-_HEAD_PATTERN = r"(^|/)(classifier|score|lm_head)/"
 
 
 @dataclasses.dataclass
@@ -170,39 +167,8 @@ def parse_mesh(spec: str | None) -> dict[str, int] | None:
 
 
 # ---------------------------------------------------------------------------
-# Losses and predictions over a pure function of the parameters.
-# ---------------------------------------------------------------------------
-
-
-def _classification_loss(forward: Callable) -> Callable:
-  """``forward(params, frozen, batch) -> logits`` to a mean cross-entropy of the same arguments."""
-
-  def loss_fn(params, frozen, batch):
-    logits = forward(params, frozen, batch).astype(jnp.float32)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
-  return loss_fn
-
-
-def _sft_loss(forward: Callable) -> Callable:
-  """Next-token cross-entropy over the response tokens (``loss_mask``) only."""
-
-  def loss_fn(params, frozen, batch):
-    logits = forward(params, frozen, batch)[:, :-1].astype(jnp.float32)
-    targets, weights = batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:].astype(jnp.float32)
-    per_token = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    return (per_token * weights).sum() / jnp.maximum(weights.sum(), 1.0)
-  return loss_fn
-
-
-# ---------------------------------------------------------------------------
 # The job.
 # ---------------------------------------------------------------------------
-
-
-def _schedule(config: FinetuneConfig, total_steps: int) -> optax.Schedule:
-  warmup = int(config.warmup_ratio * total_steps)
-  return optax.warmup_cosine_decay_schedule(0.0, config.lr, max(warmup, 1), max(total_steps, warmup + 1), 0.0) \
-      if warmup else optax.cosine_decay_schedule(config.lr, max(total_steps, 1))
 
 
 def _select_rules(config: FinetuneConfig, preset_rules: Mapping[str, Any]) -> dict[str, Any]:
@@ -275,250 +241,32 @@ class Job:
     return data_lib.tokenize_sft(split, self.tokenizer, prompt_column=c.prompt_column or "prompt",
                                  response_column=c.response_column or "response", max_length=c.max_length)
 
-  # -- the model as a pure function -------------------------------------------------
-
-  def _call(self, module: nnx.Module, batch: Mapping[str, jax.Array]) -> jax.Array:
-    return module(batch["input_ids"], attention_mask=batch["attention_mask"])
-
-  def _place_on_mesh(self) -> None:
-    """Lays the model out on the mesh: parameters by the partition rules, everything else replicated."""
-    if self.mesh is None:
-      return
-    params = nnx.state(self.model, nnx.Param)
-    nnx.update(self.model, sharding_lib.shard_params(params, self.mesh))
-    others = nnx.state(self.model, nnx.Not(nnx.Param))
-    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-    nnx.update(self.model, jax.device_put(others, replicated))
-
   def place_batch(self, batch: Mapping[str, Any]) -> Mapping[str, Any]:
     """A batch split over the mesh's ``data`` x ``fsdp`` axes (unchanged without a mesh)."""
     if self.mesh is None:
       return batch
     return {k: jax.device_put(v, sharding_lib.batch_sharding(self.mesh, np.ndim(v))) for k, v in batch.items()}
 
-  def _loss_of(self, forward: Callable) -> Callable:
-    return _classification_loss(forward) if self.task == "classification" else _sft_loss(forward)
-
   def total_steps(self) -> int:
     c = self.config
     per_epoch = data_lib.num_batches(self.arrays["train"], c.batch_size)
     return c.steps if c.steps is not None else max(1, math.ceil(c.epochs * per_epoch))
 
-  def build(self) -> _Trainer:
-    """The trainer of the configured method (mask sampled, LoRA applied...)."""
+  def build(self) -> recipes.Run:
+    """The configured method bound to the model (mask sampled, LoRA applied, laid out on the mesh)."""
     c = self.config
-    self.schedule = _schedule(c, self.total_steps())
-    tx = optax.adamw(self.schedule, weight_decay=c.weight_decay)
-    head = self.preset_rules.get("full") or _HEAD_PATTERN
-    if c.method in ("spra", "head"):
-      self._place_on_mesh()  # before sampling: on sharded leaves the mask is shard-local
-      graphdef, params, rest = nnx.split(self.model, nnx.Param, ...)
-      if c.method == "spra":
-        rules = _select_rules(c, self.preset_rules)
-        if self.task == "classification" and "full" not in rules:
-          rules["full"] = head
-        mask = sample_mask(jax.random.key(c.seed), params, get_distribution(c.distribution, c.density), **rules)
-      else:
-        head_re = __import__("re").compile(head)
-        flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-        chosen = [bool(head_re.search(path_str(p))) and jnp.issubdtype(leaf.dtype, jnp.floating) for p, leaf in flat]
-        if not any(chosen):
-          raise ValueError(f"method 'head' found no head parameters matching {head!r}")
-        mask = from_dense(jax.tree_util.tree_unflatten(
-            treedef, [np.full(leaf.shape, keep) for (_, leaf), keep in zip(flat, chosen)]))
-      return _LeanTrainer(self, graphdef, params, rest, mask, tx)
-    if c.method == "lora":
+    total = self.total_steps()
+    self.schedule = recipes.warmup_cosine(c.lr, total, c.warmup_ratio)  # what the metrics log reports
+    tx = recipes.adamw(c.lr, total, warmup_ratio=c.warmup_ratio, weight_decay=c.weight_decay)
+    partition_rules = None
+    if self.mesh is not None:
       from spra_jax import models
 
-      rules = _select_rules(c, self.preset_rules)
-      models.lora.apply_lora(self.model, rank=c.lora_rank, alpha=c.lora_alpha,
-                             include=_module_pattern(rules.get("include") or r"(kernel)$"), rngs=nnx.Rngs(c.seed))
-      self._place_on_mesh()
-      head_re = __import__("re").compile(head)
-      trainable = lambda path, value: isinstance(value, nnx.LoRAParam) or (  # noqa: E731
-          isinstance(value, nnx.Param) and bool(head_re.search(path_str(path))))
-      return _DenseTrainer(self, trainable, tx)
-    self._place_on_mesh()
-    return _DenseTrainer(self, nnx.Param, tx)
-
-
-def _module_pattern(leaf_pattern: str) -> str:
-  """A leaf regex (``.../v_proj/kernel``) as a regex of the Linear modules holding those leaves.
-
-  >>> _module_pattern('attention/(self/value|output/dense)/(kernel|bias)$')
-  'attention/(self/value|output/dense)$'
-  """
-  import re
-
-  stripped = re.sub(r"/?(\(kernel\|bias\)|\(bias\|kernel\)|kernel|bias)\$?$", "", leaf_pattern)
-  return stripped + "$" if stripped else r"."
-
-
-class _Trainer:
-  """What the job needs of a method: init, step, predictions, sizes, saving."""
-
-  job: Job
-
-  def init(self) -> Any: ...
-  def step(self, state: Any, batch: Mapping[str, jax.Array]) -> tuple[Any, jax.Array]: ...
-  def module(self, state: Any) -> tuple[Any, Callable]: ...
-  def trained_variables(self, state: Any) -> Any: ...
-  def trainable(self) -> int: ...
-  def opt_state_bytes(self, state: Any) -> int: ...
-
-  def lr(self, step: int) -> float:
-    return float(self.job.schedule(step - 1))
-
-  def save(self, ckpt: Any, step: int, state: Any, *, data_position: Any) -> None:
-    ckpt.save(step, state, data_position=data_position, metadata={"config": self.job.config.identity()})
-
-  def restore(self, ckpt: Any, like: Any) -> Any:
-    return ckpt.restore(like)
-
-
-def _tree_bytes(tree: Any) -> int:
-  return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype")))
-
-
-class _LeanTrainer(_Trainer):
-  """SpaRTA and head-only: the lean step over the mask (weights updated in place)."""
-
-  def __init__(self, job: Job, graphdef, params, rest, mask, tx):
-    self.job, self.graphdef, self.rest, self.mask = job, graphdef, rest, mask
-    self._params = params
-    # Taken now, from the base weights: training updates them in place. O(k): only the mask's entries are read.
-    from spra_jax.checkpoint.adapter import base_fingerprint
-
-    self._fingerprint = base_fingerprint(params, mask)
-
-    def forward(params, rest, batch):
-      return job._call(nnx.merge(graphdef, params, rest), batch)
-
-    make_step = lean_step if job.mesh is None else sharding_lib.sharded_lean_step
-    self._lean = make_step(job._loss_of(forward), tx)
-    self._forward = jax.jit(forward)
-
-  def init(self):
-    return self._lean.init(self._params, self.mask)
-
-  def step(self, state, batch):
-    return self._lean(state, self.rest, batch)
-
-  def module(self, state):
-    state = self._lean.flush(state)
-    return state, lambda batch: self._forward(state.params, self.rest, batch)
-
-  def trained_variables(self, state):
-    return state.params
-
-  def restore(self, ckpt, like):
-    # Only the k trained entries of the weights are stored; the rest is the base.
-    return ckpt.restore(like, base_params=like.params)
-
-  def save_adapter(self, directory, state, save_fn, *, metadata):
-    # ``state`` comes from module(), so it is flushed (flushing again would donate the buffers the model now holds).
-    save_fn(directory, state.delta, metadata={**metadata, "method": self.job.config.method,
-                                              "base_model": self.job.config.model},
-            base_fingerprint=self._fingerprint, overwrite=True)
-
-  def trainable(self):
-    return num_trainable(self.mask)
-
-  def opt_state_bytes(self, state):
-    return _tree_bytes(state.opt_state) + _tree_bytes(state.delta.mask)
-
-
-class _DenseTrainer(_Trainer):
-  """LoRA and full fine-tuning: gradients of a dense subset of the variables."""
-
-  def __init__(self, job: Job, trainable_filter, tx):
-    self.job, self.tx = job, tx
-    self.graphdef, self._trainable, self.frozen = nnx.split(job.model, trainable_filter, ...)
-
-    def forward(trainable, frozen, batch):
-      return job._call(nnx.merge(self.graphdef, trainable, frozen), batch)
-
-    loss = job._loss_of(forward)
-
-    def step(state, frozen, batch):
-      trainable, opt_state = state
-      value, grads = jax.value_and_grad(loss)(trainable, frozen, batch)
-      updates, opt_state = tx.update(grads, opt_state, trainable)
-      return (optax.apply_updates(trainable, updates), opt_state), value
-
-    self._step = jax.jit(step, donate_argnums=0)
-    self._forward = jax.jit(forward)
-
-  def init(self):
-    return (self._trainable, self.tx.init(self._trainable))
-
-  def step(self, state, batch):
-    return self._step(state, self.frozen, batch)
-
-  def module(self, state):
-    return state, lambda batch: self._forward(state[0], self.frozen, batch)
-
-  def trained_variables(self, state):
-    return state[0]
-
-  def trainable(self):
-    return int(sum(x.size for x in jax.tree.leaves(self._trainable)))
-
-  def opt_state_bytes(self, state):
-    return _tree_bytes(state[1])
-
-  def save_adapter(self, directory, state, save_fn, *, metadata):
-    """LoRA and full fine-tuning: the trained variables, with their config."""
-    import orbax.checkpoint as ocp
-
-    directory = pathlib.Path(directory).absolute()
-    if directory.exists():
-      import shutil
-      shutil.rmtree(directory)
-    with ocp.StandardCheckpointer() as ckptr:
-      ckptr.save(directory / "variables", nnx.to_pure_dict(state[0]))
-    (directory / "adapter_config.json").write_text(json.dumps(
-        {**metadata, "method": self.job.config.method, "trainable": self.trainable()}, indent=2))
-
-
-# ---------------------------------------------------------------------------
-# Evaluation.
-# ---------------------------------------------------------------------------
-
-
-def _padded_batches(arrays: Mapping[str, np.ndarray], batch_size: int, limit: int = 0) -> Iterator[tuple[int, dict]]:
-  """Every row once, in order, in fixed-shape batches (the last one padded)."""
-  n = data_lib._num_rows(arrays)
-  n = min(n, limit) if limit else n
-  for start in range(0, n, batch_size):
-    rows = np.arange(start, min(start + batch_size, n))
-    real = len(rows)
-    rows = np.concatenate([rows, np.full(batch_size - real, rows[-1])])
-    yield real, {k: v[rows] for k, v in arrays.items()}
-
-
-def evaluate(predict: Callable, arrays: Mapping[str, np.ndarray], *, task: str, batch_size: int,
-             limit: int = 0) -> dict[str, float]:
-  """Classification: accuracy, MCC, F1. SFT: mean response loss and token accuracy."""
-  if task == "classification":
-    predictions, labels = [], []
-    for real, batch in _padded_batches(arrays, batch_size, limit):
-      logits = np.asarray(predict(batch))
-      predictions.append(logits[:real].argmax(-1))
-      labels.append(batch["labels"][:real])
-    return metrics_lib.classification(np.concatenate(labels), np.concatenate(predictions))
-  total_loss = correct = count = 0.0
-  for real, batch in _padded_batches(arrays, batch_size, limit):
-    logits = np.asarray(predict(batch), np.float32)[:real, :-1]
-    targets = batch["input_ids"][:real, 1:]
-    weights = batch["loss_mask"][:real, 1:].astype(np.float32)
-    shifted = logits - logits.max(-1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-    nll = -np.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
-    total_loss += float((nll * weights).sum())
-    correct += float(((logits.argmax(-1) == targets) * weights).sum())
-    count += float(weights.sum())
-  return {"loss": total_loss / max(count, 1), "token_accuracy": correct / max(count, 1)}
+      partition_rules = models.partition.rules_for(models.model_type(self.model))
+    return recipes.prepare(self.model, c.method, tx=tx, task=self.task, rules=_select_rules(c, self.preset_rules),
+                           density=c.density, distribution=c.distribution, seed=c.seed,
+                           head=self.preset_rules.get("full"), lora_rank=c.lora_rank, lora_alpha=c.lora_alpha,
+                           mesh=self.mesh, partition_rules=partition_rules)
 
 
 # ---------------------------------------------------------------------------
@@ -617,25 +365,26 @@ def finetune(
 
   Writes into ``config.output``: ``config.json``, ``metrics.jsonl`` (one JSON
   object per logged step or evaluation), ``curves.png``, ``checkpoints/``,
-  ``adapter/`` (the SpaRTA / head adapter with its ``adapter_config.json``; the
-  trained variables for LoRA and full fine-tuning) and ``results.json``.
+  ``adapter/`` (the SpaRTA / head adapter, :func:`spra.load_adapter`; for LoRA
+  and full fine-tuning a dense adapter of the trained variables,
+  :func:`spra.checkpoint.load_dense_adapter`) and ``results.json``.
   """
-  from spra_jax.checkpoint import TrainCheckpointer, save_adapter
+  from spra_jax.checkpoint import TrainCheckpointer
 
   t_start = time.perf_counter()
   out = pathlib.Path(config.output).absolute()
   _prepare_output(out, config, resume=resume, overwrite=overwrite)
   job = Job(config, model=model, tokenizer=tokenizer, preset_rules=preset_rules)
-  trainer = job.build()
+  run = job.build()
   _write_config(out, config)  # only once the model, the data and the method are known to work
-  state = trainer.init()
+  state = run.init()
   total = job.total_steps()
   metrics_path = out / "metrics.jsonl"
 
   start_step, position = 0, data_lib.Position()
   ckpt = TrainCheckpointer(out / "checkpoints", max_to_keep=2)
   if resume and ckpt.latest_step() is not None:
-    restored = trainer.restore(ckpt, state)
+    restored = run.restore_checkpoint(ckpt, state)
     state, start_step = restored.state, restored.step
     position = data_lib.Position(**restored.data_position)
     # Drop log lines written after the checkpoint: the resumed run writes them again.
@@ -654,44 +403,45 @@ def finetune(
   t_train, examples = time.perf_counter(), 0
   for step in range(start_step + 1, total + 1):
     position, batch = next(batches)
-    state, loss = trainer.step(state, job.place_batch(batch))
+    state, loss = run.step(state, job.place_batch(batch))
     loss = float(loss)  # blocks on the step: keeps one step in flight, and on meshes avoids collective pile-ups
     if not math.isfinite(loss):
       raise FloatingPointError(f"the training loss became {loss} at step {step}; lower --lr")
     examples += config.batch_size
-    _append_jsonl(metrics_path, {"step": step, "split": "train", "loss": loss, "lr": float(trainer.lr(step))})
+    _append_jsonl(metrics_path, {"step": step, "split": "train", "loss": loss, "lr": float(job.schedule(step - 1))})
     if bar is not None:
       bar.update(1)
       bar.set_postfix(loss=f"{loss:.4f}", ex_per_s=f"{examples / (time.perf_counter() - t_train):.1f}")
     if step % config.eval_every == 0 or step == total:
-      state, predict = trainer.module(state)
-      last_val = evaluate(lambda b: predict(job.place_batch(b)), job.arrays["validation"], task=job.task, batch_size=config.batch_size,
-                          limit=config.eval_examples)
+      state, predict = run.predictor(state)
+      last_val = recipes.evaluate(lambda b: predict(job.place_batch(b)), job.arrays["validation"], task=job.task,
+                                  batch_size=config.batch_size, limit=config.eval_examples)
       _append_jsonl(metrics_path, {"step": step, "split": "validation", **last_val})
       line = f"step {step}: validation " + " ".join(f"{k} {v:.4f}" for k, v in last_val.items())
       bar.write(line) if bar is not None else print(line, flush=True)
     if step % config.checkpoint_every == 0 and step < total:
-      trainer.save(ckpt, step, state, data_position=dataclasses.asdict(position))
+      run.save_checkpoint(ckpt, step, state, data_position=dataclasses.asdict(position),
+                          metadata={"config": config.identity()})
   if bar is not None:
     bar.close()
   ckpt.wait_until_finished()
   ckpt.close()
 
-  state, predict = trainer.module(state)
-  nnx.update(job.model, trainer.trained_variables(state))  # the model object now holds what was trained
-  test = evaluate(lambda b: predict(job.place_batch(b)), job.arrays["test"], task=job.task, batch_size=config.batch_size,
-                  limit=config.test_examples)
+  state, predict = run.predictor(state)
+  nnx.update(job.model, run.trained_variables(state))  # the model object now holds what was trained
+  test = recipes.evaluate(lambda b: predict(job.place_batch(b)), job.arrays["test"], task=job.task,
+                          batch_size=config.batch_size, limit=config.test_examples)
   _append_jsonl(metrics_path, {"step": total, "split": "test", **test})
   adapter_dir = out / "adapter"
-  trainer.save_adapter(adapter_dir, state, save_adapter, metadata={"config": config.identity()})
+  run.save_adapter(adapter_dir, state, metadata={"config": config.identity(), "base_model": config.model})
   plot_curves(metrics_path, out / "curves.png")
 
   results = {
       "test": test,
       "validation": last_val,
-      "trainable": trainer.trainable(),
+      "trainable": run.trainable(state),
       "parameters": int(sum(x.size for x in jax.tree.leaves(nnx.state(job.model, nnx.Param)))),
-      "opt_state_bytes": trainer.opt_state_bytes(state),
+      "opt_state_bytes": run.opt_state_bytes(state),
       "steps": total,
       "seconds": time.perf_counter() - t_start,
       "task": job.task,
@@ -701,7 +451,7 @@ def finetune(
   }
   if job.task == "classification":
     labels = job.arrays["test"]["labels"][: config.test_examples or None]  # the rows the test metrics cover
-    results["majority"] = float(np.bincount(labels).max() / len(labels))
+    results["majority"] = recipes.majority_rate(labels)
   tmp = out / "results.json.tmp"
   tmp.write_text(json.dumps(results, indent=2))
   os.replace(tmp, out / "results.json")
