@@ -38,7 +38,7 @@ demo-digits: $(STAMP)
 
 # The study behind examples/RESULTS.md (about 75 minutes on 2 CPU cores; resumable: rerun to continue).
 study: $(STAMP)
-	$(PY) examples/study.py --workers 2
+	$(PY) examples/study --workers 2
 
 # Two workers, each taking whole test files (module fixtures load a model or a dataset once per file):
 # about 12 minutes on 2 CPU cores, against about 17 in one process, which leaves a core idle while XLA compiles.

@@ -48,7 +48,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 import spra_jax as spra
@@ -151,60 +150,30 @@ def make_distribution(name: str, density: float, settings: Settings, params: Any
 # ---------------------------------------------------------------------------
 
 
-def schedule(settings: Settings) -> optax.Schedule:
-  warmup = max(1, int(settings.warmup_ratio * settings.steps))
-  return optax.warmup_cosine_decay_schedule(0.0, settings.lr, warmup, max(settings.steps, warmup + 1), 0.0)
-
-
-def predict_fn(graphdef):
-  @jax.jit
-  def predict(params, rest, batch):
-    return nnx.merge(graphdef, params, rest)(batch["input_ids"], attention_mask=batch["attention_mask"])
-  return predict
-
-
-def loss_fn_of(graphdef):
-  def loss_fn(params, rest, batch):
-    logits = nnx.merge(graphdef, params, rest)(batch["input_ids"], attention_mask=batch["attention_mask"])
-    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["labels"]).mean()
-  return loss_fn
-
-
-def evaluate(predict, params, rest, arrays: dict[str, np.ndarray], batch_size: int) -> dict[str, float]:
-  """Accuracy, MCC and F1 over every row, in fixed-shape batches (the last one padded)."""
-  n = len(arrays["labels"])
-  predictions = []
-  for start in range(0, n, batch_size):
-    rows = np.arange(start, start + batch_size).clip(max=n - 1)
-    logits = np.asarray(predict(params, rest, {k: v[rows] for k, v in arrays.items()}))
-    predictions.append(logits[: min(batch_size, n - start)].argmax(-1))
-  return spra.metrics.classification(arrays["labels"], np.concatenate(predictions))
-
-
 class Runner:
-  """The compiled pieces every run of a sweep shares: one lean step and one forward pass.
+  """The compiled pieces every run of a sweep shares: one lean trainer (step and forward pass).
 
   Masks with the same per-leaf counts (uniform and the score-based ones) reuse one compilation of the step.
   """
 
   def __init__(self, settings: Settings, graphdef: Any):
-    self.settings, self.graphdef = settings, graphdef
-    self.loss_fn = loss_fn_of(graphdef)
-    self.step = spra.lean_step(self.loss_fn, optax.adamw(schedule(settings), weight_decay=settings.weight_decay))
-    self.predict = predict_fn(graphdef)
+    self.settings = settings
+    tx = spra.recipes.adamw(settings.lr, settings.steps, warmup_ratio=settings.warmup_ratio,
+                            weight_decay=settings.weight_decay)
+    self.trainer = spra.recipes.LeanTrainer(graphdef, tx, task="classification")
 
 
 def fisher_of(runner: Runner, task: Task, params, rest, seed: int):
   settings = runner.settings
   stream = spra.data.batches(task.arrays["train"], settings.batch_size, seed=seed + 10_000)
   batches = [(rest, next(stream)[1]) for _ in range(settings.fisher_batches)]
-  return spra.masks.fisher_scores(runner.loss_fn, params, batches)
+  return spra.masks.fisher_scores(runner.trainer.loss_fn, params, batches)
 
 
 def train_and_evaluate(runner: Runner, task: Task, params: Any, rest: Any, distribution: str, density: float,
                        seed: int) -> dict[str, Any]:
   """Samples the mask, trains ``settings.steps`` steps from ``params`` (left intact) and evaluates."""
-  settings, step = runner.settings, runner.step
+  settings = runner.settings
   t0 = time.perf_counter()
   rules = spra.models.presets.get(settings.preset, "bert", task="sequence-classification")
   fisher = fisher_of(runner, task, params, rest, seed) if distribution == "fisher" else None
@@ -214,24 +183,26 @@ def train_and_evaluate(runner: Runner, task: Task, params: Any, rest: Any, distr
   sparse = sum(r["trainable"] for r in rows if r["kind"] == "sparse")
   eligible = sum(r["size"] for r in rows if r["kind"] == "sparse")
 
-  state = step.init(jax.tree.map(jnp.copy, params), mask)  # the step donates the weights; keep the base intact
+  trainer = runner.trainer
+  state = trainer.init(jax.tree.map(jnp.copy, params), mask)  # the step donates the weights; keep the base intact
   stream = spra.data.batches(task.arrays["train"], settings.batch_size, seed=seed)
   losses = []
   for _ in range(settings.steps):
     _, batch = next(stream)
-    state, loss = step(state, rest, batch)
+    state, loss = trainer.step(state, rest, batch)
     losses.append(float(loss))
   if not all(map(math.isfinite, losses)):
     raise FloatingPointError(f"{distribution} d={density} seed={seed}: the loss became non-finite; lower --lr")
-  state = step.flush(state)
+  state = trainer.finish(state)
   eval_batch = max(settings.batch_size, 64)
-  validation = evaluate(runner.predict, state.params, rest, task.arrays["validation"], eval_batch)
-  test = evaluate(runner.predict, state.params, rest, task.arrays["test"], eval_batch)
+  validation, test = (spra.recipes.evaluate(lambda b: trainer.predict(state, rest, b), task.arrays[split],
+                                            task="classification", batch_size=eval_batch)
+                      for split in ("validation", "test"))
   labels = task.arrays["test"]["labels"]
   return {
       "distribution": distribution, "density": density, "seed": seed,
       "trainable": spra.num_trainable(mask), "sparse_trainable": sparse, "eligible": eligible,
-      "validation": validation, "test": test, "majority": float(np.bincount(labels).max() / len(labels)),
+      "validation": validation, "test": test, "majority": spra.recipes.majority_rate(labels),
       "final_loss": float(np.mean(losses[-max(1, len(losses) // 10):])), "seconds": time.perf_counter() - t0,
   }
 

@@ -42,7 +42,7 @@ import numpy as np
 from flax import nnx
 
 import spra_jax as spra
-from spra_jax.finetune import FinetuneConfig, Job, evaluate
+from spra_jax.finetune import FinetuneConfig, Job
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -76,16 +76,16 @@ def train_fresh(args) -> tuple[pathlib.Path, np.ndarray, Job]:
                           lr=args.lr, steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
                           seed=args.seed, output=args.output)
   job = Job(config)
-  trainer = job.build()
-  state = trainer.init()
+  run = job.build()
+  state = run.init()
   stream = spra.data.batches(job.arrays["train"], config.batch_size, seed=config.seed)
   for _ in range(config.steps):
-    state, loss = trainer.step(state, next(stream)[1])
+    state, loss = run.step(state, next(stream)[1])
   print(f"trained {config.steps} steps (last loss {float(loss):.4f})")
-  state, predict = trainer.module(state)  # the weights the step updated in place: base + delta
+  state, predict = run.predictor(state)  # the weights the step updated in place: base + delta
   trained_logits = np.asarray(predict(compare_batch(job, args.compare_examples)))
   adapter = pathlib.Path(args.output) / "adapter"
-  trainer.save_adapter(adapter, state, spra.save_adapter, metadata={"config": config.identity()})
+  run.save_adapter(adapter, state, metadata={"config": config.identity(), "base_model": config.model})
   return adapter, trained_logits, job
 
 
@@ -152,8 +152,8 @@ def main(argv=None) -> dict[str, Any]:
   report["weights_vs_float64_reference"] = tree_max_abs(merged, reference_merge(params, delta))
   report["unmerge_vs_base"] = tree_max_abs(spra.unmerge(merged, delta), params)
 
-  forward = jax.jit(lambda p, batch: nnx.merge(graphdef, p, rest)(batch["input_ids"],
-                                                                    attention_mask=batch["attention_mask"]))
+  model_forward = spra.recipes.model_forward(graphdef)
+  forward = jax.jit(lambda p, batch: model_forward(p, rest, batch))
   batch = compare_batch(job, args.compare_examples)
   merged_logits = np.asarray(forward(merged, batch))
   report["merged_vs_base_logits"] = max_abs(merged_logits, forward(params, batch))
@@ -162,8 +162,8 @@ def main(argv=None) -> dict[str, Any]:
   results_file = adapter.parent / "results.json"
   if results_file.exists():
     recorded = json.loads(results_file.read_text())["validation"]
-    again = evaluate(lambda b: forward(merged, b), job.arrays["validation"], task="classification",
-                     batch_size=config.batch_size, limit=config.eval_examples)
+    again = spra.recipes.evaluate(lambda b: forward(merged, b), job.arrays["validation"], task="classification",
+                                  batch_size=config.batch_size, limit=config.eval_examples)
     report["validation_recorded"], report["validation_merged"] = recorded, again
     report["validation_reproduced"] = again == recorded
 

@@ -96,9 +96,13 @@ def tiny_llama_dir(tmp_path_factory):
 
 
 def load_example(relative):
-  """Imports a script of the repository (e.g. ``examples/study.py``) as a module, by its path."""
+  """Imports a script (``examples/ablation.py``) or a package (``examples/study``) of the repository by its path."""
   path = pathlib.Path(__file__).resolve().parents[1] / relative
-  spec = importlib.util.spec_from_file_location(path.stem, path)
+  if path.is_dir():  # a package: its modules import each other relatively
+    spec = importlib.util.spec_from_file_location(path.name, path / "__init__.py",
+                                                  submodule_search_locations=[str(path)])
+  else:
+    spec = importlib.util.spec_from_file_location(path.stem, path)
   module = importlib.util.module_from_spec(spec)
   sys.modules[spec.name] = module  # dataclasses look their module up there
   spec.loader.exec_module(module)

@@ -1,4 +1,4 @@
-"""The study runner (examples/study.py) end to end, in its smoke size."""
+"""The study runner (examples/study) end to end, in its smoke size."""
 
 import json
 
@@ -7,14 +7,14 @@ from conftest import load_example as load
 
 def test_study_smoke_writes_the_three_tables_and_resumes_from_its_run_records(tiny_llama_dir, tmp_path, capsys):
   """The study runner end to end in its smoke size (tiny runs; a tiny random Llama stands in for SmolLM2)."""
-  study = load("examples/study.py")
+  study = load("examples/study")
   out, results = tmp_path / "study", tmp_path / "RESULTS.md"
   argv = ["--smoke", "--decoder", str(tiny_llama_dir), "--output", str(out), "--results", str(results),
           "--discussion", ""]
   text = study.main(argv)
   assert results.read_text() == text
   rows = study.plan(smoke=True, decoder=str(tiny_llama_dir))
-  # Every row's three learning rates ran on seed 0, and the chosen one on the row's other seeds.
+  # Every row's learning rates (one in the smoke) ran on seed 0, and the chosen one on the row's other seeds.
   records = [json.loads(p.read_text()) for p in (out / "runs").glob("*.json")]
   specs = {json.dumps(r["config"], sort_keys=True) for r in records}
   scales = study.SMOKE_SCALES
