@@ -17,7 +17,7 @@ same number of trainable parameters? This notebook runs a small sweep:
    snippets (both ship in pip packages, nothing is downloaded at run time);
 2. samples one mask per distribution on the paper's placement (attention value and output projections; the head
    trains fully) and draws where each one puts its entries;
-3. fine-tunes with each mask and a few seeds using the memory-lean step (`spra.lean_step`), and compares validation
+3. fine-tunes with each mask and a few seeds using the library's memory-lean trainer (`spra.recipes.LeanTrainer`), and compares validation
    and test accuracy and MCC, mean ± std over seeds, next to the majority class.
 
 The full-size sweep is `examples/ablation.py` (resumable, JSON lines, table and plot). The default configuration
@@ -50,7 +50,7 @@ LR = float(env("SPRA_NB_LR", "2e-2"))
 print(f"{len(DISTRIBUTIONS)} distributions x {len(SEEDS)} seeds, density {DENSITY}, {STEPS} steps of {BATCH_SIZE}")""",
          metadata={"tags": ["parameters"]}),
     CODE("""import time
-import jax, jax.numpy as jnp, numpy as np, optax
+import jax, jax.numpy as jnp, numpy as np
 import matplotlib.pyplot as plt
 from flax import nnx
 import spra_jax as spra
@@ -61,7 +61,7 @@ graphdef, _, _ = nnx.split(model, nnx.Param, ...)
 arrays = {name: spra.data.tokenize_classification(split.select(range(min(len(split), EVAL_EXAMPLES)))
                                                   if name != "train" else split, tokenizer, max_length=MAX_LENGTH)
           for name, split in ds.items()}
-majority = float(np.bincount(arrays["test"]["labels"]).max() / len(arrays["test"]["labels"]))
+majority = spra.recipes.majority_rate(arrays["test"]["labels"])
 rules = spra.models.presets.get("paper", "bert", task="sequence-classification")
 print({name: len(a["labels"]) for name, a in arrays.items()}, f"majority class on test: {majority:.3f}")
 print("placement:", rules)"""),
@@ -99,25 +99,15 @@ within = all(abs(n / counts[DISTRIBUTIONS[0]] - 1) < 0.05 for n in counts.values
 print("trainable counts within 5 % of each other:", within)"""),
     MD("""## The sweep
 
-One lean step serves every run (masks with the same per-leaf counts share its compilation). Each run starts from
+One lean trainer serves every run (masks with the same per-leaf counts share its compilation). Each run starts from
 the pretrained weights with a head initialised from its seed; the seed also draws the mask and the data order."""),
-    CODE("""def loss_fn(params, rest, batch):
-    logits = nnx.merge(graphdef, params, rest)(batch["input_ids"], attention_mask=batch["attention_mask"])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
+    CODE("""# The library's recipe: a lean trainer (step + forward pass), its AdamW schedule, and its evaluation.
+tx = spra.recipes.adamw(LR, STEPS, warmup_ratio=1 / 16)
+trainer = spra.recipes.LeanTrainer(graphdef, tx, task="classification")
 
-@jax.jit
-def predict(params, rest, batch):
-    return nnx.merge(graphdef, params, rest)(batch["input_ids"], attention_mask=batch["attention_mask"])
-
-def evaluate(params, rest, a, batch_size=64):
-    n, preds = len(a["labels"]), []
-    for start in range(0, n, batch_size):
-        rows = np.arange(start, start + batch_size).clip(max=n - 1)
-        preds.append(np.asarray(predict(params, rest, {k: v[rows] for k, v in a.items()})).argmax(-1)[: n - start])
-    return spra.metrics.classification(a["labels"], np.concatenate(preds))
-
-schedule = optax.warmup_cosine_decay_schedule(0.0, LR, max(1, STEPS // 16), max(STEPS, 2), 0.0)
-step = spra.lean_step(loss_fn, optax.adamw(schedule))
+def evaluate(state, rest, split):
+    predict = lambda batch: trainer.predict(state, rest, batch)
+    return spra.recipes.evaluate(predict, arrays[split], task="classification", batch_size=64)
 
 records, curves = [], {}
 for seed in SEEDS:
@@ -127,14 +117,14 @@ for seed in SEEDS:
     for name in DISTRIBUTIONS:
         t0 = time.perf_counter()
         mask = sample(name, seed, params)
-        state = step.init(jax.tree.map(jnp.copy, params), mask)   # the step updates (donates) its weights
+        state = trainer.init(jax.tree.map(jnp.copy, params), mask)   # the step updates (donates) its weights
         stream = spra.data.batches(arrays["train"], BATCH_SIZE, seed=seed)
         losses = []
         for _ in range(STEPS):
-            state, loss = step(state, rest, next(stream)[1])
+            state, loss = trainer.step(state, rest, next(stream)[1])
             losses.append(float(loss))
-        state = step.flush(state)
-        val, test = evaluate(state.params, rest, arrays["validation"]), evaluate(state.params, rest, arrays["test"])
+        state = trainer.finish(state)
+        val, test = evaluate(state, rest, "validation"), evaluate(state, rest, "test")
         records.append(dict(distribution=name, seed=seed, trainable=spra.num_trainable(mask), val=val, test=test,
                             final_loss=float(np.mean(losses[-max(1, STEPS // 10):])), seconds=time.perf_counter() - t0))
         curves[(name, seed)] = losses
