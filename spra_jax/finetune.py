@@ -284,8 +284,11 @@ class Job:
     """Lays the model out on the mesh: parameters by the partition rules, everything else replicated."""
     if self.mesh is None:
       return
+    from spra_jax import models  # the models package is the top layer; import it only when needed
+
     params = nnx.state(self.model, nnx.Param)
-    nnx.update(self.model, sharding_lib.shard_params(params, self.mesh))
+    rules = models.partition.rules_for(models.model_type(self.model))
+    nnx.update(self.model, sharding_lib.shard_params(params, self.mesh, rules))
     others = nnx.state(self.model, nnx.Not(nnx.Param))
     replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
     nnx.update(self.model, jax.device_put(others, replicated))
