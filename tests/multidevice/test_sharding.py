@@ -375,6 +375,31 @@ def test_lean_on_mesh_matches_one_device(mesh_name):
 FINAL_LEAN_STATE = {}
 
 
+def test_lean_step_with_explicit_shardings_equals_sharded_lean_step():
+  """spra.lean_step(state_shardings=lean_state_shardings(...)) is what sharded_lean_step builds: layout and numbers."""
+  mesh = mesh_of("2x4 data-tensor")
+  base = jax.tree.map(np.asarray, tl.init_params())
+  shardings = sh.param_shardings(base, mesh, RULES)
+  placed = lambda: jax.device_put(base, shardings)  # noqa: E731  (fresh buffers: each step donates its own)
+  mask = spra.sample_mask(jax.random.key(0), placed(), density=DENSITY, **TRAIN)
+  # The shardings of the state, read off a state built by an unsharded, unjitted step (which moves nothing).
+  layout = sh.lean_state_shardings(spra.lean_step(tl.loss_fn, adamw(), jit=False).init(placed(), mask), shardings)
+  explicit = spra.lean_step(tl.loss_fn, adamw(), state_shardings=layout)
+  sharded = sh.sharded_lean_step(tl.loss_fn, adamw())
+  a, b = explicit.init(placed(), mask), sharded.init(placed(), mask)
+  assert jax.tree.leaves(sharded.state_shardings, is_leaf=is_sharding) == jax.tree.leaves(layout, is_leaf=is_sharding)
+  for batch in tl.batches(3):
+    batch = jax.device_put(batch, sh.batch_sharding(mesh))
+    a, loss_a = jax.block_until_ready(explicit(a, batch))
+    b, loss_b = jax.block_until_ready(sharded(b, batch))
+    assert float(loss_a) == float(loss_b)
+    assert_same_layout(a, layout)
+    assert_same_layout(b, layout)
+  a, b = jax.block_until_ready(explicit.flush(a)), jax.block_until_ready(sharded.flush(b))
+  assert_same_layout(a, layout)
+  for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=spra.masks.path_str(path))
+
 
 # --------------------------------------------------------------------------
 # Checkpoints: saved on 8 devices, restored on 1 and on 4.
