@@ -116,9 +116,9 @@ for q, a in zip(QUESTIONS, before):
 `finetune` takes the model already in memory (so it is loaded once) and the `paper` preset's rules for it: SpaRTA
 trains `DENSITY` of the entries of every attention V and O projection (kernel and bias) and freezes everything else,
 embeddings, norms and the LM head included. The loss is on the answer tokens only. On a mesh, the parameters are laid
-out by `spra.sharding.DEFAULT_RULES`, the batch is split over `data`, and the mask is sampled shard-locally. The job
-writes `metrics.jsonl`, `curves.png`, `adapter/` and `results.json` into `OUTPUT`; when it returns, `model` holds
-the trained weights.
+out by their family's partition rules (`spra.models.partition.rules_for`), the batch is split over `data`, and the
+mask is sampled shard-locally. The job writes `metrics.jsonl`, `curves.png`, `adapter/` and `results.json` into
+`OUTPUT`; when it returns, `model` holds the trained weights.
 
 With `TRAIN_EXAMPLES` or `EVAL_EXAMPLES` set, the notebook first saves the cut-down splits next to `OUTPUT` and
 points the job there."""),

@@ -79,7 +79,7 @@ class FinetuneConfig:
     mesh: a device mesh, ``'data=2,tensor=4'`` (axes ``data``, ``fsdp``,
       ``tensor``; ``data`` defaults to the devices left over) or ``'auto'``
       (every device on ``data``); parameters are laid out by
-      ``spra.sharding.DEFAULT_RULES`` and batches split over ``data`` x
+      the model family's partition rules (``spra.models.partition.rules_for``) and batches split over ``data`` x
       ``fsdp``. Default: one device.
     output: the output directory.
   """

@@ -66,19 +66,36 @@ class LeanState(NamedTuple):
   step: jax.Array
 
 
+# The state's shardings, or how to get them from the initial state (see lean_step).
+StateShardings = LeanState | Callable[[LeanState], LeanState]
+
+
 class LeanStep:
   """A jitted, donated SpaRTA training step that differentiates deltas only.
 
   Build it with :func:`lean_step`.
   """
 
-  def __init__(self, loss_fn: Callable, tx: optax.GradientTransformation, *, has_aux: bool, donate: bool, jit: bool):
+  def __init__(self, loss_fn: Callable, tx: optax.GradientTransformation, *, has_aux: bool, donate: bool, jit: bool,
+               state_shardings: StateShardings | None = None):
     self.loss_fn = loss_fn
     self.tx = tx
     self.has_aux = has_aux
+    self._jit = jit
+    # A function is resolved by init, from the state it builds; a LeanState of shardings is used as given.
+    self._shardings_of = state_shardings if callable(state_shardings) else None
+    self._state_shardings = None if callable(state_shardings) else state_shardings
     wrap = (lambda f: jax.jit(f, donate_argnums=0 if donate else ())) if jit else (lambda f: f)
     self._step = wrap(self._step_impl)
     self._flush = wrap(self._flush_impl)
+
+  @property
+  def state_shardings(self) -> LeanState | None:
+    """The ``NamedSharding`` of every leaf of the state (see :func:`lean_step`), or None if the step has none.
+
+    Given to :func:`lean_step` as a function, it is known once :meth:`init` has run.
+    """
+    return self._state_shardings
 
   def init(self, params: Any, mask_or_delta: Any, *, dtype: Any = jnp.float32) -> LeanState:
     """The initial state for ``params`` and a mask (or a delta to resume from).
@@ -98,14 +115,27 @@ class LeanStep:
     # and delta stay usable; only the weights are handed over.
     delta = jax.tree.map(jnp.copy, delta)
     pending = jax.tree.map(jnp.zeros_like, delta.values)
-    return LeanState(params, delta, self.tx.init(delta.values), pending, jnp.zeros((), jnp.int32))
+    state = LeanState(params, delta, self.tx.init(delta.values), pending, jnp.zeros((), jnp.int32))
+    if self._shardings_of is not None:
+      self._state_shardings = self._shardings_of(state)
+    if self._state_shardings is None:
+      return state
+    return jax.device_put(state, self._state_shardings)
+
+  def _keep_layout(self, state: LeanState) -> LeanState:
+    """``state`` constrained to the step's shardings (unchanged without), so that the donated buffers are reused."""
+    if self._state_shardings is None:
+      if self._shardings_of is not None:
+        raise ValueError("call step.init(params, mask) before stepping: it fixes the state's shardings.")
+      return state
+    return jax.lax.with_sharding_constraint(state, self._state_shardings)
 
   def _step_impl(self, state: LeanState, *batch: Any):
     params, delta = apply_updates(state.params, state.delta, state.pending)
     loss_of_delta = lambda d: self.loss_fn(attach(params, d), *batch)
     out, grads = value_and_grad(loss_of_delta, has_aux=self.has_aux)(delta)
     updates, opt_state = self.tx.update(grads.values, state.opt_state, delta.values)
-    new_state = LeanState(params, delta, opt_state, updates, state.step + 1)
+    new_state = self._keep_layout(LeanState(params, delta, opt_state, updates, state.step + 1))
     if self.has_aux:
       loss, aux = out
       return new_state, loss, aux
@@ -118,9 +148,20 @@ class LeanStep:
     """
     return self._step(state, *batch)
 
+  def lower(self, state: LeanState, *batch: Any):
+    """The lowered step for ``state`` and ``batch`` (``.compile().as_text()`` gives its HLO); runs nothing.
+
+    Raises:
+      ValueError: if the step was built with ``jit=False``.
+    """
+    if not self._jit:
+      raise ValueError("lower needs a jitted step; this one was built with jit=False.")
+    return self._step.lower(state, *batch)
+
   def _flush_impl(self, state: LeanState) -> LeanState:
     params, delta = apply_updates(state.params, state.delta, state.pending)
-    return state._replace(params=params, delta=delta, pending=jax.tree.map(jnp.zeros_like, state.pending))
+    state = state._replace(params=params, delta=delta, pending=jax.tree.map(jnp.zeros_like, state.pending))
+    return self._keep_layout(state)
 
   def flush(self, state: LeanState) -> LeanState:
     """Writes the pending update, so that ``state.params`` is current.
@@ -137,8 +178,24 @@ def lean_step(
     has_aux: bool = False,
     donate: bool = True,
     jit: bool = True,
+    state_shardings: StateShardings | None = None,
 ) -> LeanStep:
   """Builds the memory-lean SpaRTA training step.
+
+  With ``state_shardings`` the state lives on a device mesh: :meth:`LeanStep.init`
+  places it on them, and every step and :meth:`LeanStep.flush` constrain the
+  state they return to the same shardings, so the outputs keep the inputs'
+  shardings step after step, nothing is resharded between steps, and the
+  donated buffers are reused in place. What must hold: one ``NamedSharding``
+  per leaf of the state ``init`` builds, consistent with the parameters'
+  shardings, which is what :func:`spra.sharding.lean_state_shardings` gives
+  (``init`` moves parameters that are elsewhere); and, for the optimizer to
+  need no communication, a mask that is shard-local for them (sampled on the
+  sharded parameters). A function given instead is called by ``init`` on the
+  state it has built, each time ``init`` runs. Batches are not constrained:
+  place them yourself (:func:`spra.sharding.batch_sharding`).
+  :func:`spra.sharding.sharded_lean_step` is this step with the shardings read
+  from the parameters given to ``init``.
 
   Args:
     loss_fn: ``loss_fn(params, *batch) -> loss`` (or ``(loss, aux)`` with
@@ -149,6 +206,9 @@ def lean_step(
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
     donate: donate the state to the jitted step so params update in place.
     jit: jit the step (turn off to debug).
+    state_shardings: None (the state stays where JAX puts it), a
+      :class:`LeanState` of ``NamedSharding`` with one entry per leaf of the
+      state, or a function that ``init`` calls on the initial state to get one.
 
   Returns:
     A :class:`LeanStep`: ``state = step.init(params, mask)``, then
@@ -164,5 +224,17 @@ def lean_step(
     >>> state, loss = step(step.init(params, mask), jnp.ones((3, 4)))
     >>> jax.tree.map(lambda u: u.shape, state.pending)
     {'w': (4,)}
+
+    On a mesh (here every device, the weights replicated), with the state's
+    shardings derived from the parameters' by ``init``:
+
+    >>> from jax.sharding import NamedSharding, PartitionSpec as P
+    >>> ps = {'w': NamedSharding(spra.sharding.make_mesh(), P())}
+    >>> step = spra.lean_step(lambda p, x: (x @ p['w']).sum(), optax.sgd(0.1),
+    ...                       state_shardings=lambda state: spra.sharding.lean_state_shardings(state, ps))
+    >>> state = step.init(jax.device_put({'w': jnp.zeros((4, 2))}, ps), mask)
+    >>> state, loss = step(state, jnp.ones((3, 4)))
+    >>> state.delta.values['w'].sharding == step.state_shardings.delta.values['w']
+    True
   """
-  return LeanStep(loss_fn, tx, has_aux=has_aux, donate=donate, jit=jit)
+  return LeanStep(loss_fn, tx, has_aux=has_aux, donate=donate, jit=jit, state_shardings=state_shardings)

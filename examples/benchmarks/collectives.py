@@ -50,6 +50,7 @@ import itertools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import pathlib  # noqa: E402
+import re  # noqa: E402
 import sys  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -60,11 +61,13 @@ import optax  # noqa: E402
 
 import spra_jax as spra  # noqa: E402
 from spra_jax import sharding as sh  # noqa: E402
+from spra_jax.models import partition  # noqa: E402
 
 MESHES = {"2x4 data x tensor": dict(data=2, fsdp=1, tensor=4), "1x8 fsdp": dict(data=1, fsdp=8, tensor=1)}
 MESH_KEYS = {"2x4": "2x4 data x tensor", "1x8": "1x8 fsdp"}
 TRAIN = r"(self_attn/(q_proj|k_proj|v_proj|o_proj)|mlp/(gate_proj|up_proj|down_proj))/kernel$"
 LR = 1e-4
+RULES = partition.rules_for("llama")  # the model below has the Llama paths
 
 
 # --------------------------------------------------------------------------
@@ -144,12 +147,54 @@ def make_loss(cfg: dict):
 
 
 # --------------------------------------------------------------------------
+# Counting collectives in compiled HLO (the multi-device tests load this file for count_collectives too).
+# --------------------------------------------------------------------------
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
+                "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_SHAPE = re.compile(r"\b(pred|[su](?:8|16|32|64)|bf16|f16|f32|f64|c64|c128)\[([0-9,]*)\]")
+_OP = re.compile(r"=\s*(.*?)\s+(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(-start)?\(")
+
+
+def count_collectives(hlo_text: str) -> list[dict[str, Any]]:
+  """The collectives of a compiled HLO module: one dict per op with ``op``, ``bytes`` and ``shape``.
+
+  Reads ``compiled.as_text()``; ``bytes`` is the size of the op's result per
+  device (the ``-start`` half of async pairs is counted, ``-done`` is not).
+
+  Example:
+
+    >>> count_collectives('  %ar = f32[128,4]{1,0} all-reduce(f32[128,4]{1,0} %x), replica_groups={}')
+    [{'op': 'all-reduce', 'bytes': 2048, 'shape': 'f32[128,4]'}]
+  """
+  out = []
+  for line in hlo_text.splitlines():
+    match = _OP.search(line)
+    if not match:
+      continue
+    nbytes, shapes = 0, []
+    for dtype, dims in _SHAPE.findall(match.group(1)):
+      size = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
+      nbytes += size * _DTYPE_BYTES[dtype]
+      shapes.append(f"{dtype}[{dims}]")
+    if match.group(3) and len(shapes) > 1:
+      # Async start ops return (operands..., results...): count the results only.
+      half = len(shapes) // 2
+      nbytes = sum(math.prod(int(d) for d in s[s.index("[") + 1:-1].split(",") if d) * _DTYPE_BYTES[s[:s.index("[")]]
+                   for s in shapes[half:])
+      shapes = shapes[half:]
+    out.append({"op": match.group(2), "bytes": nbytes, "shape": " ".join(shapes)})
+  return out
+
+
+# --------------------------------------------------------------------------
 # Compiling the steps and counting.
 # --------------------------------------------------------------------------
 
 
 def summarize(ops: list[dict]) -> dict:
-  by_op = collections.OrderedDict((op, {"count": 0, "bytes": 0}) for op in sh.COLLECTIVES)
+  by_op = collections.OrderedDict((op, {"count": 0, "bytes": 0}) for op in COLLECTIVES)
   for o in ops:
     by_op[o["op"]]["count"] += 1
     by_op[o["op"]]["bytes"] += o["bytes"]
@@ -169,7 +214,7 @@ def run_mesh(mesh_name: str, cfg: dict, density: float) -> dict:
   mesh = sh.make_mesh(**MESHES[mesh_name])
   loss_fn = make_loss(cfg)
   base = init_params(cfg)
-  shardings = sh.param_shardings(base, mesh)
+  shardings = sh.param_shardings(base, mesh, RULES)
   tokens = jax.random.randint(jax.random.key(1), (cfg["batch"], cfg["seq"] + 1), 0, cfg["vocab"], jnp.int32)
   tokens = jax.device_put(tokens, sh.batch_sharding(mesh))
   fresh = lambda: jax.device_put(jax.tree.map(np.asarray, base), shardings)  # noqa: E731
@@ -188,8 +233,8 @@ def run_mesh(mesh_name: str, cfg: dict, density: float) -> dict:
                 in_shardings=(shardings, state_sh, shardings), out_shardings=shardings)
   opt_hlo = hlo_of(opt.lower(params, state, params))
   _, _, loss = step(params, state, tokens)
-  results["full"] = dict(step=summarize(sh.count_collectives(step_hlo)),
-                         optimizer=summarize(sh.count_collectives(opt_hlo)),
+  results["full"] = dict(step=summarize(count_collectives(step_hlo)),
+                         optimizer=summarize(count_collectives(opt_hlo)),
                          loss=float(jax.block_until_ready(loss)), trainable=sum(x.size for x in jax.tree.leaves(base)))
 
   # spra.masked, initialised on the sharded parameters.
@@ -208,8 +253,8 @@ def run_mesh(mesh_name: str, cfg: dict, density: float) -> dict:
   opt_hlo = hlo_of(opt.lower(params, state, params))
   mask_copy = jax.tree.map(np.asarray, mask)
   _, _, loss = step(params, state, tokens)
-  results["spra.masked"] = dict(step=summarize(sh.count_collectives(step_hlo)),
-                                optimizer=summarize(sh.count_collectives(opt_hlo)),
+  results["spra.masked"] = dict(step=summarize(count_collectives(step_hlo)),
+                                optimizer=summarize(count_collectives(opt_hlo)),
                                 loss=float(jax.block_until_ready(loss)), trainable=spra.num_trainable(mask_copy))
 
   # The lean path, with the same (shard-local) mask.
@@ -226,8 +271,8 @@ def run_mesh(mesh_name: str, cfg: dict, density: float) -> dict:
   opt = jax.jit(optimizer_part, in_shardings=(lean_sh, lean_sh.pending), out_shardings=lean_sh)
   opt_hlo = hlo_of(opt.lower(state, state.pending))
   state, loss = lean(state, tokens)
-  results["spra lean"] = dict(step=summarize(sh.count_collectives(step_hlo)),
-                              optimizer=summarize(sh.count_collectives(opt_hlo)),
+  results["spra lean"] = dict(step=summarize(count_collectives(step_hlo)),
+                              optimizer=summarize(count_collectives(opt_hlo)),
                               loss=float(jax.block_until_ready(loss)), trainable=spra.num_trainable(mask_copy))
 
   # XLA combines collectives into tuples differently per program, so compare their components: the multiset of
@@ -260,11 +305,11 @@ def fmt_bytes(n: float) -> str:
 
 
 def table(mesh_name: str, res: dict) -> str:
-  head = ["method", "trainable"] + list(sh.COLLECTIVES) + ["total", "optimizer part", "extra vs full (param-sized)"]
+  head = ["method", "trainable"] + list(COLLECTIVES) + ["total", "optimizer part", "extra vs full (param-sized)"]
   lines = [f"### {mesh_name}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for method, r in res["methods"].items():
     cells = [method, f"{r['trainable']:,}"]
-    for op in sh.COLLECTIVES:
+    for op in COLLECTIVES:
       c = r["step"]["by_op"][op]
       cells.append(f"{c['count']} / {fmt_bytes(c['bytes'])}" if c["count"] else "0")
     cells.append(f"{r['step']['count']} / {fmt_bytes(r['step']['bytes'])}")

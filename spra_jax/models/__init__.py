@@ -28,7 +28,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from spra_jax.models import bert, hub, lora, presets
+from spra_jax.models import bert, hub, lora, partition, presets
 from spra_jax.models._io import LazyTensor, open_safetensors
 from spra_jax.models.bert import cls_pool, l2_normalize, mean_pool
 from spra_jax.models.hub import ALIASES, ARCHITECTURES, architecture, available, from_pretrained, model_type
@@ -47,6 +47,7 @@ __all__ = [
     "hub",
     "l2_normalize",
     "lora",
+    "partition",
     "lora_param_count",
     "mean_pool",
     "model_type",

@@ -1,5 +1,6 @@
 """Sharded SpaRTA on 8 devices: shard-local masks, parity with one device, no optimizer collectives, checkpoints."""
 
+import functools
 import math
 import re
 
@@ -10,21 +11,34 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 import tiny_llama as tl
+from conftest import load_example
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import spra_jax as spra
 from spra_jax import sharding as sh
+from spra_jax.models import partition
 
 # (data, fsdp, tensor): the issue's 8x1 (data), 2x4 (data x tensor) and 1x8 (fsdp) meshes.
 MESHES = {"8x1 data": (8, 1, 1), "2x4 data-tensor": (2, 1, 4), "1x8 fsdp": (1, 8, 1)}
 DENSITY = 0.05
 STEPS = 20
 TRAIN = dict(include=r"(kernel|embedding)$", exclude=r"lm_head", full=r"lm_head")
+RULES = partition.rules_for("llama")  # tiny_llama has the Llama paths
 
 
 def is_sharding(x):
   return isinstance(x, NamedSharding)
+
+
+@functools.cache
+def collectives():
+  """The collectives benchmark, which owns the HLO reading (loaded on first use, once JAX has its 8 devices)."""
+  return load_example("examples/benchmarks/collectives.py")
+
+
+def count_collectives(hlo):
+  return collectives().count_collectives(hlo)
 
 
 def adamw():
@@ -105,7 +119,7 @@ def test_rules_cover_llama_and_bert_paths():
       "classifier": {"kernel": f32(64, 3), "bias": f32(3)},
   }
   mesh = sh.make_mesh(fsdp=2, tensor=4)
-  s = sh.partition_specs(llama, mesh=mesh)
+  s = sh.partition_specs(llama, partition.rules_for("llama"), mesh=mesh)
   layer = s["model"]["layers"][0]
   assert s["model"]["embed_tokens"]["embedding"] == P("tensor", "fsdp")
   assert layer["self_attn"]["q_proj"]["kernel"] == P("fsdp", "tensor")
@@ -115,7 +129,7 @@ def test_rules_cover_llama_and_bert_paths():
   assert layer["mlp"]["down_proj"]["kernel"] == P("tensor", "fsdp")
   assert layer["input_layernorm"]["scale"] == P(None) and s["model"]["norm"]["scale"] == P(None)
   assert s["score"]["kernel"] == P("fsdp", None)
-  b = sh.partition_specs(bert, mesh=mesh)
+  b = sh.partition_specs(bert, partition.rules_for("bert"), mesh=mesh)
   blayer = b["bert"]["encoder"]["layer"][0]
   assert b["bert"]["embeddings"]["word_embeddings"]["embedding"] == P("tensor", "fsdp")
   assert blayer["attention"]["self"]["value"]["kernel"] == P("fsdp", "tensor")
@@ -148,7 +162,7 @@ def test_sampling_is_reproducible_without_communication_and_can_be_turned_off():
   """The same key gives the same shard-local mask (what every host computes on its own); shard_local=False opts out."""
   mesh = mesh_of("2x4 data-tensor")
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tl.init_params(),
-                          sh.param_shardings(tl.init_params(), mesh))
+                          sh.param_shardings(tl.init_params(), mesh, RULES))
   a = spra.sample_mask(jax.random.key(3), abstract, density=DENSITY, **TRAIN)
   b = spra.sample_mask(jax.random.key(3), abstract, density=DENSITY, **TRAIN)
   for (pa, ma), (_, mb) in zip(sparse_leaves(a), sparse_leaves(b)):
@@ -236,7 +250,7 @@ COLLECTIVE = re.compile(r"\b(all-reduce|all-gather|reduce-scatter|all-to-all|col
 def test_optimizer_update_compiles_without_collectives(mesh_name):
   mesh = mesh_of(mesh_name)
   params = tl.init_params()
-  shardings = sh.param_shardings(params, mesh)
+  shardings = sh.param_shardings(params, mesh, RULES)
   sharded = jax.device_put(params, shardings)
   # Door 1: spra.masked's update (gather at the mask, AdamW on compact vectors, scatter back).
   tx = spra.masked(adamw(), density=DENSITY, key=jax.random.key(0), **TRAIN)
@@ -245,8 +259,8 @@ def test_optimizer_update_compiles_without_collectives(mesh_name):
   update = jax.jit(tx.update, in_shardings=(shardings, state_shardings, shardings),
                    out_shardings=(shardings, state_shardings))
   hlo = update.lower(sharded, jax.device_put(state, state_shardings), sharded).compile().as_text()
-  assert not COLLECTIVE.search(hlo), sh.count_collectives(hlo)[:5]
-  assert sh.count_collectives(hlo) == []
+  assert not COLLECTIVE.search(hlo), count_collectives(hlo)[:5]
+  assert count_collectives(hlo) == []
   # Door 3: the lean path's optimizer part (AdamW on the delta values, in-place write of the weights).
   step = sh.sharded_lean_step(tl.loss_fn, adamw())
   lean = step.init(sharded, spra.mask_of(state))
@@ -259,7 +273,7 @@ def test_optimizer_update_compiles_without_collectives(mesh_name):
 
   part = jax.jit(optimizer_part, in_shardings=(lean_shardings, lean_shardings.pending), out_shardings=lean_shardings)
   hlo = part.lower(lean, lean.pending).compile().as_text()
-  assert sh.count_collectives(hlo) == []
+  assert count_collectives(hlo) == []
 
 
 # --------------------------------------------------------------------------
@@ -270,7 +284,7 @@ def test_optimizer_update_compiles_without_collectives(mesh_name):
 def run_masked(mesh_name, batches):
   mesh = mesh_of(mesh_name)
   params = tl.init_params()
-  shardings = sh.param_shardings(params, mesh)
+  shardings = sh.param_shardings(params, mesh, RULES)
   params = jax.device_put(params, shardings)
   tx = spra.masked(adamw(), density=DENSITY, key=jax.random.key(0), **TRAIN)
   state = tx.init(params)
@@ -321,7 +335,7 @@ def test_masked_on_mesh_is_shard_local_and_matches_one_device(mesh_name):
 
 def run_lean(mesh, batches, mask):
   params = tl.init_params()
-  shardings = sh.param_shardings(params, mesh)
+  shardings = sh.param_shardings(params, mesh, RULES)
   params = jax.device_put(params, shardings)
   if mask is None:
     mask = spra.sample_mask(jax.random.key(0), params, density=DENSITY, **TRAIN)
@@ -361,6 +375,32 @@ def test_lean_on_mesh_matches_one_device(mesh_name):
 FINAL_LEAN_STATE = {}
 
 
+def test_lean_step_with_explicit_shardings_equals_sharded_lean_step():
+  """spra.lean_step(state_shardings=lean_state_shardings(...)) is what sharded_lean_step builds: layout and numbers."""
+  mesh = mesh_of("2x4 data-tensor")
+  base = jax.tree.map(np.asarray, tl.init_params())
+  shardings = sh.param_shardings(base, mesh, RULES)
+  placed = lambda: jax.device_put(base, shardings)  # noqa: E731  (fresh buffers: each step donates its own)
+  mask = spra.sample_mask(jax.random.key(0), placed(), density=DENSITY, **TRAIN)
+  # The shardings of the state, read off a state built by an unsharded, unjitted step (which moves nothing).
+  layout = sh.lean_state_shardings(spra.lean_step(tl.loss_fn, adamw(), jit=False).init(placed(), mask), shardings)
+  explicit = spra.lean_step(tl.loss_fn, adamw(), state_shardings=layout)
+  sharded = sh.sharded_lean_step(tl.loss_fn, adamw())
+  a, b = explicit.init(placed(), mask), sharded.init(placed(), mask)
+  assert jax.tree.leaves(sharded.state_shardings, is_leaf=is_sharding) == jax.tree.leaves(layout, is_leaf=is_sharding)
+  for batch in tl.batches(3):
+    batch = jax.device_put(batch, sh.batch_sharding(mesh))
+    a, loss_a = jax.block_until_ready(explicit(a, batch))
+    b, loss_b = jax.block_until_ready(sharded(b, batch))
+    assert float(loss_a) == float(loss_b)
+    assert_same_layout(a, layout)
+    assert_same_layout(b, layout)
+  a, b = jax.block_until_ready(explicit.flush(a)), jax.block_until_ready(sharded.flush(b))
+  assert_same_layout(a, layout)
+  for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=spra.masks.path_str(path))
+
+
 # --------------------------------------------------------------------------
 # Checkpoints: saved on 8 devices, restored on 1 and on 4.
 # --------------------------------------------------------------------------
@@ -381,7 +421,7 @@ def test_checkpoint_saved_on_8_devices_restores_on_1_and_4(tmp_path):
   tuned = jax.tree.map(np.asarray, state.params)
   for devices, (fsdp, tensor) in ((jax.devices()[:1], (1, 1)), (jax.devices()[4:], (1, 2))):
     mesh = sh.make_mesh(fsdp=fsdp, tensor=tensor, devices=devices)
-    shardings = sh.param_shardings(base, mesh)
+    shardings = sh.param_shardings(base, mesh, RULES)
     target = {
         "delta": sh.delta_shardings(state.delta, shardings),
         "opt_state": sh.lean_state_shardings(state, shardings).opt_state,
