@@ -130,7 +130,7 @@ def test_lean_step_updates_the_weights_in_place_without_a_second_copy():
   mask = spra.sample_mask(0, params, density=0.01)
   step = spra.lean_step(loss, optax.adamw(1e-3))
   state = step.init(params, mask)
-  memory = step._step.lower(state, x).compile().memory_analysis()
+  memory = step.lower(state, x).compile().memory_analysis()
   weight_bytes = layers * d * d * 4
   assert memory.alias_size_in_bytes >= weight_bytes  # every weight buffer is reused
   assert memory.temp_size_in_bytes < weight_bytes / 2  # no copy of the weights

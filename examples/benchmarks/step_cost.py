@@ -365,7 +365,7 @@ def lean_runner(model: Model, mask: Any) -> Runner:
   lean = spra.lean_step(model.loss, optax.adamw(LEARNING_RATE))
   state = lean.init(copy_tree(model.params), mask)
   opt_bytes = tree_nbytes(state) - tree_nbytes(state.params)
-  return Runner("spra lean", lean._step, (state,), model.batch, spra.num_trainable(mask), opt_bytes)
+  return Runner("spra lean", lean, (state,), model.batch, spra.num_trainable(mask), opt_bytes)  # LeanStep.lower
 
 
 def lora_targets(model: Model, mask: Any) -> dict[str, tuple[int, int]]:
