@@ -15,6 +15,11 @@ expose ``torch_name(path)`` and ``to_torch_layout(path, array)``):
   leaves are kept. It must be a pure permutation of the entries (transpose,
   reshape, row reordering): adapter coordinates are mapped through it.
 
+Both defaults, and the model families' stricter ``torch_name`` /
+``to_torch_layout``, are one mapping, defined in :mod:`spra_jax._torch_names`.
+With any of them, indices map arithmetically (O(k) per leaf); any other layout
+function is pushed through with an index table per leaf (O(leaf size)).
+
 The SpaRTA PyTorch package stores an adapter as ``sparse_deltas.safetensors``
 with, for every named parameter, ``indices.<name>`` (int32 ``[k, ndim]``
 coordinates in torch layout, row-major order; ``[0, ndim]`` for frozen
@@ -56,6 +61,8 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 
+from spra_jax import _torch_names
+from spra_jax._torch_names import default_to_torch_layout, default_torch_name
 from spra_jax.checkpoint import _files
 from spra_jax.delta import SparseDelta, merge
 from spra_jax.masks import FROZEN, FULL, LeafMask, is_leaf_mask, path_str
@@ -70,40 +77,6 @@ __all__ = [
 ]
 
 SPARSE_DELTAS_FILE = "sparse_deltas.safetensors"
-_WEIGHT_LEAVES = {"kernel", "embedding", "scale"}
-
-
-def default_torch_name(path: str) -> str:
-  """Our '/'-path -> the Hugging Face torch parameter name.
-
-  Example:
-
-    >>> default_torch_name('model/layers/3/self_attn/v_proj/kernel')
-    'model.layers.3.self_attn.v_proj.weight'
-    >>> default_torch_name('model/norm/scale'), default_torch_name('embeddings/LayerNorm/bias')
-    ('model.norm.weight', 'embeddings.LayerNorm.bias')
-  """
-  parts = path.split("/")
-  if parts and parts[-1] in _WEIGHT_LEAVES:
-    parts[-1] = "weight"
-  return ".".join(parts)
-
-
-def default_to_torch_layout(path: str, array: Any) -> np.ndarray:
-  """Our array layout -> torch's: 2-D ``kernel`` leaves ``[in, out]`` become ``[out, in]``.
-
-  Example:
-
-    >>> import numpy as np
-    >>> default_to_torch_layout('fc/kernel', np.zeros((3, 2))).shape
-    (2, 3)
-    >>> default_to_torch_layout('fc/bias', np.zeros(2)).shape
-    (2,)
-  """
-  array = np.asarray(array)
-  if path.split("/")[-1] == "kernel" and array.ndim == 2:
-    return array.T
-  return array
 
 
 # --------------------------------------------------------------------------
@@ -119,9 +92,10 @@ class _Layout:
     self.size = math.prod(self.shape)
     self._to_torch_layout = to_torch_layout
     self._cached_table = None
-    if to_torch_layout is default_to_torch_layout:
-      # A known permutation: indices map arithmetically, O(k).
-      self.transposed = path.split("/")[-1] == "kernel" and len(self.shape) == 2
+    if to_torch_layout is default_to_torch_layout or to_torch_layout is _torch_names.to_torch_layout:
+      # A known permutation: indices map arithmetically, O(k); the strict one still refuses a kernel that is not 2-D.
+      strict = to_torch_layout is _torch_names.to_torch_layout
+      self.transposed = _torch_names.kernel_transposed(path, self.shape, strict=strict)
       self.torch_shape = self.shape[::-1] if self.transposed else self.shape
     else:
       self.transposed = None
