@@ -51,7 +51,6 @@ import json
 import math
 import os
 import re
-import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -186,7 +185,7 @@ def export_peft_sparta(
 
   Args:
     directory: the output directory (created; existing files of the same names
-      are replaced).
+      are replaced, each atomically).
     delta: the delta to export.
     base_model: the base's name or path, stored as ``sparta_pretrained_model``
       (the package's loaders read the base from it).
@@ -227,12 +226,12 @@ def export_peft_sparta(
     tensors[f"indices.{name}"] = np.ascontiguousarray(coords)
     tensors[f"deltas.{name}"] = np.ascontiguousarray(deltas)
   target = out_dir / SPARSE_DELTAS_FILE
-  tmp = out_dir / f".{SPARSE_DELTAS_FILE}.tmp"
-  safetensors.numpy.save_file(tensors, str(tmp), metadata={"format": "pt"})
-  os.replace(tmp, target)
+  with _files.atomic_output(target, overwrite=True, directory=False) as tmp:
+    safetensors.numpy.save_file(tensors, str(tmp), metadata={"format": "pt"})
   cfg = dict(config or {})
   cfg["sparta_pretrained_model"] = base_model
-  _files.write_json(out_dir / "config.json", cfg)
+  with _files.atomic_output(out_dir / "config.json", overwrite=True, directory=False) as tmp:
+    _files.write_json(tmp, cfg)
   return target
 
 
@@ -431,8 +430,7 @@ def export_merged(
     shards[-1].append(it)
     size += it[5]
 
-  tmp = _files.temporary_sibling(final, "tmp")
-  try:
+  with _files.atomic_output(final, overwrite=overwrite) as tmp:
     n = len(shards)
     weight_map = {}
     for i, shard in enumerate(shards, start=1):
@@ -448,8 +446,4 @@ def export_merged(
       index = {"metadata": {"total_size": sum(it[5] for it in items)}, "weight_map": dict(sorted(weight_map.items()))}
       _files.write_json(tmp / "model.safetensors.index.json", index)
     _files.write_json(tmp / "config.json", json.loads(json.dumps(dict(config), default=str)))
-    _files.publish(tmp, final, overwrite=overwrite)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return final
