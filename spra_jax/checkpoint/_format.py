@@ -1,6 +1,7 @@
 """The on-disk schema of adapters: formats, versions, the config file, leaf tables, index encodings, checksums.
 
-An adapter directory is told apart by the ``format`` key of its ``adapter_config.json``:
+Two kinds of adapter directory share one layout, told apart by the ``format``
+key of their ``adapter_config.json``:
 
 * ``spra_jax.sparse_adapter`` (:func:`~spra_jax.save_adapter`): a
   :class:`~spra_jax.SparseDelta`. ``arrays/`` is an Orbax checkpoint of a few
@@ -10,8 +11,12 @@ An adapter directory is told apart by the ``format`` key of its ``adapter_config
   concatenated per dtype. The config's leaf table (path, key path, kind, shape,
   k, value dtype) says where each leaf's run starts; ``arrays`` holds dtype,
   shape and SHA-256 of every flat array.
+* ``spra_jax.dense_adapter`` (:func:`~spra_jax.checkpoint.save_dense_adapter`):
+  a tree of whole arrays (LoRA factors, fully fine-tuned weights). ``arrays/``
+  holds one Orbax array per leaf; the leaf table gives each leaf's path, key
+  path, shape, dtype, array name and SHA-256.
 
-The config carries ``format_version`` (an int; a reader refuses newer versions),
+Both configs carry ``format_version`` (an int; a reader refuses newer versions),
 ``library_version`` and the user's JSON ``metadata``.
 
 Why flat arrays for the sparse format rather than one Orbax array per leaf: a 7B
@@ -53,11 +58,17 @@ FORMAT = "spra_jax.sparse_adapter"
 FORMAT_VERSION = 1
 INDEX_ENCODINGS = ("int32", "gaps")
 
+DENSE_FORMAT = "spra_jax.dense_adapter"
+DENSE_FORMAT_VERSION = 1
+
 # format -> (newest version this library reads, keys every config of it must have)
 _FORMATS = {
     FORMAT: (FORMAT_VERSION, ("leaves", "arrays", "index_encoding")),
+    DENSE_FORMAT: (DENSE_FORMAT_VERSION, ("leaves",)),
 }
 
+# What the job wrote for LoRA and full fine-tuning before the dense format: Orbax variables/ and a format-less JSON.
+_LEGACY_DENSE_DIR = "variables"
 
 
 # --------------------------------------------------------------------------
@@ -197,12 +208,38 @@ def missing(final: Path, what: str) -> FileNotFoundError:
   return FileNotFoundError(f"{what}{hint}.")
 
 
+def _dense_summary(config: Mapping[str, Any]) -> str:
+  meta = config.get("metadata")
+  method = meta.get("method") if isinstance(meta, Mapping) else None
+  leaves = config.get("leaves")
+  count = f"{len(leaves)} trained variables" if isinstance(leaves, list) else "trained variables"
+  return f"method {method!r}, {count}" if isinstance(method, str) else count
+
+
+def _sparse_summary(config: Mapping[str, Any]) -> str:
+  trainable = (config.get("mask") or {}).get("trainable")
+  return f"a SparseDelta of {trainable:,} trained entries" if isinstance(trainable, int) else "a SparseDelta"
+
+
+def wrong_kind(final: Path, config: Mapping[str, Any], expect: str) -> ValueError:
+  """The error for an adapter of the other kind: which kind it is and which loader reads it."""
+  if expect == FORMAT:
+    return ValueError(
+        f"{final} is a dense adapter ({_dense_summary(config)}), not a sparse one; load it with "
+        f"spra.checkpoint.load_dense_adapter."
+    )
+  return ValueError(
+      f"{final} is a sparse adapter ({_sparse_summary(config)}), not a dense one; load it with spra.load_adapter."
+  )
+
+
 def read_config(final: Path, expect: str | None = None) -> dict[str, Any]:
   """The checked ``adapter_config.json`` of the adapter at ``final``.
 
   Args:
     final: the adapter directory (absolute).
-    expect: the one format to accept; None to accept any this library reads.
+    expect: ``FORMAT`` or ``DENSE_FORMAT`` to accept that format only (the other
+      one raises, saying which loader to use); None to accept either.
 
   Raises:
     FileNotFoundError: no directory or no config file.
@@ -220,8 +257,15 @@ def read_config(final: Path, expect: str | None = None) -> dict[str, Any]:
     raise ValueError(f"{path} is truncated or corrupted (not valid JSON: {e}).") from None
   got = config.get("format") if isinstance(config, dict) else type(config).__name__
   if not isinstance(got, str) or got not in _FORMATS:
-    expected = repr(expect) if expect else " or ".join(map(repr, _FORMATS))
-    raise ValueError(f"{path} is not a spra_jax adapter config (format {got!r}, expected {expected}).")
+    expected = repr(expect) if expect else f"{FORMAT!r} or {DENSE_FORMAT!r}"
+    hint = ""
+    if isinstance(config, dict) and got is None and (final / _LEGACY_DENSE_DIR).is_dir():
+      hint = (f" It looks like the unversioned {_LEGACY_DENSE_DIR}/ directory that earlier versions of the job wrote "
+              f"for LoRA and full fine-tuning: restore it with orbax.checkpoint, or save it again with "
+              f"spra.checkpoint.save_dense_adapter.")
+    raise ValueError(f"{path} is not a spra_jax adapter config (format {got!r}, expected {expected}).{hint}")
+  if expect is not None and got != expect:
+    raise wrong_kind(final, config, expect)
   newest, required = _FORMATS[got]
   version = config.get("format_version")
   if not isinstance(version, int) or version > newest:

@@ -190,11 +190,16 @@ def save_adapter(
 
 
 def load_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
-  """The ``adapter_config.json`` of an adapter, checked for format and version.
+  """The ``adapter_config.json`` of a sparse or dense adapter, checked for format and version.
+
+  It reads both kinds (``config['format']`` tells them apart:
+  ``'spra_jax.sparse_adapter'`` from :func:`save_adapter`,
+  ``'spra_jax.dense_adapter'`` from :func:`~spra_jax.checkpoint.save_dense_adapter`)
+  and reads no array.
 
   Raises:
     FileNotFoundError: no adapter (or no config file) at ``directory``.
-    ValueError: the config is truncated, not JSON, or of another format or a
+    ValueError: the config is truncated, not JSON, or of an unknown format or a
       newer format version.
 
   Example:
@@ -205,7 +210,7 @@ def load_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
     ...
     FileNotFoundError: .../adapter_config.json is missing: not a spra_jax adapter directory, or an incomplete one.
   """
-  return _format.read_config(_files.absolute(directory), expect=FORMAT)
+  return _format.read_config(_files.absolute(directory))
 
 
 def _structure(leaves: list[_format.Leaf], like: Any) -> tuple[Any, list[_format.Leaf]]:
@@ -289,8 +294,10 @@ def load_adapter(
   Raises:
     FileNotFoundError: the directory, its config or its arrays are missing.
     ValueError: a truncated or corrupted adapter (bad JSON, checksum mismatch,
-      inconsistent leaf table), a ``like`` tree of other paths or shapes, or
-      ``base_params`` of another model (the message names the leaf).
+      inconsistent leaf table), a dense adapter (the message says so and names
+      :func:`~spra_jax.checkpoint.load_dense_adapter`), a ``like`` tree of
+      other paths or shapes, or ``base_params`` of another model (the message
+      names the leaf).
 
   Example:
 
