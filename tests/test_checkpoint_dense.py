@@ -284,5 +284,5 @@ def test_sparse_and_dense_loaders_name_each_other(saved, tmp_path):
   assert spra.load_adapter_config(sparse)["format"] == "spra_jax.sparse_adapter"
 
   save_dense_adapter(tmp_path / "anonymous", {"w": jnp.ones(2)})
-  with pytest.raises(ValueError, match=r"is a dense adapter \(1 trained variables\)"):
+  with pytest.raises(ValueError, match=r"is a dense adapter \(1 trained variable\), not a sparse one"):
     spra.load_adapter(tmp_path / "anonymous")

@@ -212,12 +212,14 @@ def _dense_summary(config: Mapping[str, Any]) -> str:
   meta = config.get("metadata")
   method = meta.get("method") if isinstance(meta, Mapping) else None
   leaves = config.get("leaves")
-  count = f"{len(leaves)} trained variables" if isinstance(leaves, list) else "trained variables"
+  n = len(leaves) if isinstance(leaves, list) else None
+  count = "trained variables" if n is None else f"{n} trained variable{'' if n == 1 else 's'}"
   return f"method {method!r}, {count}" if isinstance(method, str) else count
 
 
 def _sparse_summary(config: Mapping[str, Any]) -> str:
-  trainable = (config.get("mask") or {}).get("trainable")
+  mask = config.get("mask")
+  trainable = mask.get("trainable") if isinstance(mask, Mapping) else None
   return f"a SparseDelta of {trainable:,} trained entries" if isinstance(trainable, int) else "a SparseDelta"
 
 
