@@ -32,7 +32,7 @@ from spra_jax.transform import SparseMaskedState, mask_of, masked
 
 from spra_jax import recipes, sharding  # noqa: E402  (after the modules they build on)
 
-__version__ = "0.1.0"
+from spra_jax._version import __version__ as __version__  # defined once, in _version.py
 
 __all__ = [
     "LeafMask",

@@ -15,6 +15,11 @@ expose ``torch_name(path)`` and ``to_torch_layout(path, array)``):
   leaves are kept. It must be a pure permutation of the entries (transpose,
   reshape, row reordering): adapter coordinates are mapped through it.
 
+Both defaults, and the model families' stricter ``torch_name`` /
+``to_torch_layout``, are one mapping, defined in :mod:`spra_jax._torch_names`.
+With any of them, indices map arithmetically (O(k) per leaf); any other layout
+function is pushed through with an index table per leaf (O(leaf size)).
+
 The SpaRTA PyTorch package stores an adapter as ``sparse_deltas.safetensors``
 with, for every named parameter, ``indices.<name>`` (int32 ``[k, ndim]``
 coordinates in torch layout, row-major order; ``[0, ndim]`` for frozen
@@ -46,7 +51,6 @@ import json
 import math
 import os
 import re
-import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -56,6 +60,8 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 
+from spra_jax import _torch_names
+from spra_jax._torch_names import default_to_torch_layout, default_torch_name
 from spra_jax.checkpoint import _files
 from spra_jax.delta import SparseDelta, merge
 from spra_jax.masks import FROZEN, FULL, LeafMask, is_leaf_mask, path_str
@@ -70,40 +76,6 @@ __all__ = [
 ]
 
 SPARSE_DELTAS_FILE = "sparse_deltas.safetensors"
-_WEIGHT_LEAVES = {"kernel", "embedding", "scale"}
-
-
-def default_torch_name(path: str) -> str:
-  """Our '/'-path -> the Hugging Face torch parameter name.
-
-  Example:
-
-    >>> default_torch_name('model/layers/3/self_attn/v_proj/kernel')
-    'model.layers.3.self_attn.v_proj.weight'
-    >>> default_torch_name('model/norm/scale'), default_torch_name('embeddings/LayerNorm/bias')
-    ('model.norm.weight', 'embeddings.LayerNorm.bias')
-  """
-  parts = path.split("/")
-  if parts and parts[-1] in _WEIGHT_LEAVES:
-    parts[-1] = "weight"
-  return ".".join(parts)
-
-
-def default_to_torch_layout(path: str, array: Any) -> np.ndarray:
-  """Our array layout -> torch's: 2-D ``kernel`` leaves ``[in, out]`` become ``[out, in]``.
-
-  Example:
-
-    >>> import numpy as np
-    >>> default_to_torch_layout('fc/kernel', np.zeros((3, 2))).shape
-    (2, 3)
-    >>> default_to_torch_layout('fc/bias', np.zeros(2)).shape
-    (2,)
-  """
-  array = np.asarray(array)
-  if path.split("/")[-1] == "kernel" and array.ndim == 2:
-    return array.T
-  return array
 
 
 # --------------------------------------------------------------------------
@@ -119,9 +91,10 @@ class _Layout:
     self.size = math.prod(self.shape)
     self._to_torch_layout = to_torch_layout
     self._cached_table = None
-    if to_torch_layout is default_to_torch_layout:
-      # A known permutation: indices map arithmetically, O(k).
-      self.transposed = path.split("/")[-1] == "kernel" and len(self.shape) == 2
+    if to_torch_layout is default_to_torch_layout or to_torch_layout is _torch_names.to_torch_layout:
+      # A known permutation: indices map arithmetically, O(k); the strict one still refuses a kernel that is not 2-D.
+      strict = to_torch_layout is _torch_names.to_torch_layout
+      self.transposed = _torch_names.kernel_transposed(path, self.shape, strict=strict)
       self.torch_shape = self.shape[::-1] if self.transposed else self.shape
     else:
       self.transposed = None
@@ -212,7 +185,7 @@ def export_peft_sparta(
 
   Args:
     directory: the output directory (created; existing files of the same names
-      are replaced).
+      are replaced, each atomically).
     delta: the delta to export.
     base_model: the base's name or path, stored as ``sparta_pretrained_model``
       (the package's loaders read the base from it).
@@ -253,12 +226,12 @@ def export_peft_sparta(
     tensors[f"indices.{name}"] = np.ascontiguousarray(coords)
     tensors[f"deltas.{name}"] = np.ascontiguousarray(deltas)
   target = out_dir / SPARSE_DELTAS_FILE
-  tmp = out_dir / f".{SPARSE_DELTAS_FILE}.tmp"
-  safetensors.numpy.save_file(tensors, str(tmp), metadata={"format": "pt"})
-  os.replace(tmp, target)
+  with _files.atomic_output(target, overwrite=True, directory=False) as tmp:
+    safetensors.numpy.save_file(tensors, str(tmp), metadata={"format": "pt"})
   cfg = dict(config or {})
   cfg["sparta_pretrained_model"] = base_model
-  _files.write_json(out_dir / "config.json", cfg)
+  with _files.atomic_output(out_dir / "config.json", overwrite=True, directory=False) as tmp:
+    _files.write_json(tmp, cfg)
   return target
 
 
@@ -457,8 +430,7 @@ def export_merged(
     shards[-1].append(it)
     size += it[5]
 
-  tmp = _files.temporary_sibling(final, "tmp")
-  try:
+  with _files.atomic_output(final, overwrite=overwrite) as tmp:
     n = len(shards)
     weight_map = {}
     for i, shard in enumerate(shards, start=1):
@@ -474,8 +446,4 @@ def export_merged(
       index = {"metadata": {"total_size": sum(it[5] for it in items)}, "weight_map": dict(sorted(weight_map.items()))}
       _files.write_json(tmp / "model.safetensors.index.json", index)
     _files.write_json(tmp / "config.json", json.loads(json.dumps(dict(config), default=str)))
-    _files.publish(tmp, final, overwrite=overwrite)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return final

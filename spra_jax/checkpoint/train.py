@@ -39,7 +39,6 @@ Example:
 
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Mapping
 from typing import Any, NamedTuple, Self
@@ -50,6 +49,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from spra_jax import compact
+from spra_jax._version import __version__
 from spra_jax.checkpoint import _files
 from spra_jax.lean import LeanState
 from spra_jax.masks import FROZEN, FULL, LeafMask, validate
@@ -261,7 +261,7 @@ class TrainCheckpointer:
     """
     step = int(step)
     meta = {
-        "library_version": importlib.import_module("spra_jax").__version__,
+        "library_version": __version__,
         "data_position": data_position,
         "metadata": dict(metadata or {}),
         "rng": None,

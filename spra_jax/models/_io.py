@@ -39,6 +39,9 @@ import jax
 import ml_dtypes
 import numpy as np
 
+# One mapping for loading, export and interop; re-exported here for the model families.
+from spra_jax._torch_names import to_torch_layout, torch_name
+
 __all__ = ["LazyTensor", "SafetensorsTensor", "SafetensorsSource", "aligned_empty", "load_params", "open_safetensors",
            "torch_name", "to_torch_layout"]
 
@@ -377,41 +380,3 @@ def load_params(
     var.set_value(jax.device_put(array, getattr(var.get_value(), "sharding", None)))
     del array
   return sorted(missing)
-
-
-_LEAF_TO_TORCH = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
-
-
-def torch_name(path: str) -> str:
-  """Our '/'-joined parameter path -> the HF torch state-dict name (every architecture here names them alike).
-
-  Example:
-
-    >>> torch_name('model/layers/2/mlp/down_proj/kernel')
-    'model.layers.2.mlp.down_proj.weight'
-    >>> torch_name('model/embed_tokens/embedding'), torch_name('bert/embeddings/LayerNorm/scale')
-    ('model.embed_tokens.weight', 'bert.embeddings.LayerNorm.weight')
-  """
-  *parents, leaf = path.split("/")
-  if leaf not in _LEAF_TO_TORCH:
-    raise ValueError(f"{path!r} does not end in a parameter name {tuple(_LEAF_TO_TORCH)}.")
-  return ".".join([*parents, _LEAF_TO_TORCH[leaf]])
-
-
-def to_torch_layout(path: str, array: Any) -> np.ndarray:
-  """A parameter in torch layout (Linear kernels [in, out] -> weights [out, in]), as a new numpy array.
-
-  Example:
-
-    >>> to_torch_layout('lm_head/kernel', np.zeros((8, 30))).shape
-    (30, 8)
-    >>> to_torch_layout('classifier/bias', np.zeros(3)).shape
-    (3,)
-  """
-  array = np.asarray(array)
-  if path.split("/")[-1] == "kernel":
-    if array.ndim != 2:
-      raise ValueError(f"{path!r}: a Linear kernel must be 2-D, got shape {array.shape}.")
-    array = array.T
-  # A fresh, writable, C-contiguous copy (torch.from_numpy rejects read-only views of jax arrays).
-  return np.array(array, order="C", copy=True)
