@@ -18,7 +18,7 @@ Allocation = str | Mapping[str, float] | Callable[[Sequence[str], Sequence[int],
 
 
 def _round_half_up(x: float) -> int:
-  return int(math.floor(x + 0.5))
+  return math.floor(x + 0.5)
 
 
 def _allocate(rule: Allocation, paths: Sequence[str], sizes: Sequence[int], density: float) -> list[int]:

@@ -23,7 +23,7 @@ def _oversample_margin(n: int, k: int) -> int:
   m = 0
   for _ in range(3):  # A fixed point: more draws bring a few more repeats.
     e = _expected_duplicates(n, k + m)
-    m = int(math.ceil(e + 6.0 * math.sqrt(e) + 8))
+    m = math.ceil(e + 6.0 * math.sqrt(e) + 8)
   return m
 
 
@@ -40,7 +40,7 @@ def _capacity_bucket(k: int, n: int) -> int:
   """Rounds k up on a 5 % geometric grid, so random counts share compilations."""
   if k <= 64:
     return min(64, n)
-  return min(n, int(math.ceil(1.05 ** math.ceil(math.log(k, 1.05)))))
+  return min(n, math.ceil(1.05 ** math.ceil(math.log(k, 1.05))))
 
 
 def _choose_dynamic(key: jax.Array, n: int, k: int) -> jax.Array:

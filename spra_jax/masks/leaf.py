@@ -67,7 +67,7 @@ class LeafMask:
     LeafMask.sparse(shape=(4, 4), k=4, blocks=(1, 2))
   """
 
-  __slots__ = ("kind", "shape", "indices", "blocks")
+  __slots__ = ("blocks", "indices", "kind", "shape")
 
   def __init__(self, kind: str, shape: Sequence[int], indices: Any = None, blocks: Sequence[int] | None = None):
     if kind not in _KINDS:
