@@ -509,7 +509,7 @@ def check_shard_local(mask: Any, param_shardings: Any) -> None:
     >>> mesh = make_mesh()
     >>> check_shard_local({'w': LeafMask.sparse((4,), jnp.array([0, 2], jnp.int32))}, {'w': NamedSharding(mesh, P())})
   """
-  from spra_jax.masks import _validate_indices  # the per-slice checks live with the mask format
+  from spra_jax.masks import validate_indices as _validate_indices  # the per-slice checks live with the mask format
 
   _check_structure(mask, param_shardings)
   flat = jax.tree_util.tree_flatten_with_path(mask, is_leaf=is_leaf_mask)[0]

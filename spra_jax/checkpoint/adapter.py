@@ -66,7 +66,8 @@ import orbax.checkpoint as ocp
 from spra_jax.checkpoint import _files
 from spra_jax.checkpoint.encoding import WIDTH_DTYPES, decode_gaps, encode_gaps
 from spra_jax.delta import SparseDelta, add_deltas, merge
-from spra_jax.masks import FROZEN, FULL, SPARSE, Distribution, LeafMask, _validate_indices, is_leaf_mask, path_str
+from spra_jax.masks import FROZEN, FULL, SPARSE, Distribution, LeafMask, is_leaf_mask, path_str
+from spra_jax.masks import validate_indices as _validate_indices
 
 __all__ = [
   "CONFIG_NAME",

@@ -66,9 +66,9 @@ from spra_jax.masks.leaf import (
     path_str,
     to_dense,
     validate,
+    validate_indices,
 )
 from spra_jax.masks.leaf import _leaf_masks_with_paths as _leaf_masks_with_paths
-from spra_jax.masks.leaf import _validate_indices as _validate_indices
 from spra_jax.masks.sampling import Pattern as Pattern
 from spra_jax.masks.sampling import leaf_key, leaf_roles, sample_mask
 from spra_jax.masks.structured import (
@@ -87,8 +87,7 @@ from spra_jax.masks.summaries import num_trainable, summary, summary_rows
 
 # What users call. Importable from here but left out (the ``name as name`` imports above): the sharding internals
 # (block_grid, leaf_sharding, compact_sharding, block_budget, also in spra_jax.masks.layout) and the Pattern type and
-# resolve_distribution that spra.masked uses; and a few private helpers: the index checks the checkpoint and sharding
-# layers run (_validate_indices), and those the package's tests reach as masks._name.
+# resolve_distribution that spra.masked uses; and a few private helpers the package's tests reach as masks._name.
 __all__ = [
     "FROZEN",
     "FULL",
@@ -123,4 +122,5 @@ __all__ = [
     "top_k",
     "uniform",
     "validate",
+    "validate_indices",
 ]

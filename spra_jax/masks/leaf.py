@@ -26,6 +26,7 @@ __all__ = [
     "path_str",
     "to_dense",
     "validate",
+    "validate_indices",
 ]
 
 
@@ -262,10 +263,33 @@ def validate(mask: Any, params: Any, *, check_indices: bool = True) -> None:
     if m.kind != FROZEN and not _is_trainable_dtype(dtype):
       raise ValueError(f"mask leaf {path!r} is {m.kind} but the parameter has non-floating dtype {dtype}.")
     if m.kind == SPARSE:
-      _validate_indices(path, m, check_values=check_indices)
+      validate_indices(path, m, check_values=check_indices)
 
 
-def _validate_indices(path: str, m: LeafMask, *, check_values: bool) -> None:
+def validate_indices(path: str, m: LeafMask, *, check_values: bool) -> None:
+  """Checks the indices of one sparse leaf mask; raises ``ValueError`` naming the leaf.
+
+  The indices must be a 1-D int32 vector. With ``check_values``, concrete indices (tracers and
+  ``jax.ShapeDtypeStruct`` have no values to read) must also lie in ``[0, size)`` and be sorted and unique; for a
+  shard-local mask (``m.blocks`` set) they must split into ``m.num_blocks`` equal slices, slice j sorted, unique
+  and inside shard block j. :func:`validate` runs this on every sparse leaf of a mask.
+
+  Args:
+    path: the leaf's '/'-joined path, for the message.
+    m: a sparse :class:`LeafMask`.
+    check_values: check the values too, not only the shape and dtype.
+
+  Raises:
+    ValueError: the indices break one of these rules.
+
+  Example:
+
+    >>> import jax.numpy as jnp
+    >>> validate_indices('w', LeafMask.sparse((4,), jnp.array([2, 1], jnp.int32)), check_values=True)
+    Traceback (most recent call last):
+    ...
+    ValueError: mask leaf 'w': indices must be sorted and unique.
+  """
   idx = m.indices
   ishape, idtype = _shape_dtype(idx)
   if len(ishape) != 1 or idtype != np.int32:
