@@ -46,7 +46,7 @@ def test_uniform_covers_sparse_and_dense_regimes_and_the_fallback(monkeypatch):
   # Sparse regime with no oversampling margin: a single draw of k values has
   # k distinct ones only 5 % (n=101) or 38 % (n=37) of the time, so the
   # while-loop redraw is what makes the count exact.
-  monkeypatch.setattr(masks, "_oversample_margin", lambda n, k: 0)
+  monkeypatch.setattr(masks._choice, "_oversample_margin", lambda n, k: 0)
   for n, k in [(101, 25), (37, 9)]:
     idx = np.asarray(masks._choose_sorted(jax.random.key(n), n, k))
     assert idx.shape == (k,) and len(np.unique(idx)) == k and idx.max() < n

@@ -49,7 +49,7 @@ import orbax.checkpoint as ocp
 from spra_jax._version import __version__
 from spra_jax.checkpoint import _files
 from spra_jax.checkpoint.encoding import WIDTH_DTYPES, decode_gaps, encode_gaps
-from spra_jax.masks import FROZEN, FULL, SPARSE, Distribution, LeafMask, _validate_indices, is_leaf_mask, path_str
+from spra_jax.masks import FROZEN, FULL, SPARSE, Distribution, LeafMask, is_leaf_mask, path_str, validate_indices
 
 CONFIG_NAME = "adapter_config.json"
 ARRAYS_DIR = "arrays"
@@ -405,7 +405,7 @@ def unpack_sparse(final: Path, config: Mapping[str, Any], arrays: Mapping[str, n
     size = math.prod(shape)
     try:
       leaf_mask = LeafMask.sparse(shape, idx, blocks=record.get("blocks"))
-      _validate_indices(path, leaf_mask, check_values=True)
+      validate_indices(path, leaf_mask, check_values=True)
     except ValueError as e:
       raise ValueError(
           f"adapter {final} is corrupted: leaf {path!r}'s indices are not sorted, unique and in [0, {size}) "

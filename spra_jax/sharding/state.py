@@ -22,7 +22,7 @@ from spra_jax import compact
 from spra_jax.delta import SparseDelta
 from spra_jax.lean import LeanState
 from spra_jax.masks import FROZEN, FULL, LeafMask, block_grid, compact_sharding, is_leaf_mask, path_str
-from spra_jax.masks import _validate_indices as validate_indices  # the per-slice checks live with the mask format
+from spra_jax.masks import validate_indices  # the per-slice checks live with the mask format
 from spra_jax.sharding.mesh import _is_sharding, _mesh_of
 from spra_jax.transform import SparseMaskedState
 
