@@ -43,6 +43,7 @@ study: $(STAMP)
 # Two workers, each taking whole test files (module fixtures load a model or a dataset once per file):
 # about 12 minutes on 2 CPU cores, against about 17 in one process, which leaves a core idle while XLA compiles.
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest -n 2 --dist loadfile
 
 bench: $(STAMP)

@@ -2,7 +2,9 @@
 
 Run: python examples/minimal.py
 """
-import jax, jax.numpy as jnp, optax
+import jax
+import jax.numpy as jnp
+import optax
 from sklearn.datasets import load_digits
 import spra_jax as spra
 

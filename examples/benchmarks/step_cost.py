@@ -394,7 +394,7 @@ def lora_runner(model: Model, mask: Any) -> Runner:
   scale = LORA_ALPHA / rank
 
   def step(lora, opt_state, params, *batch):
-    loss, grads = jax.value_and_grad(lambda l: model.loss(params, *batch, lora=l, lora_scale=scale))(lora)
+    loss, grads = jax.value_and_grad(lambda factors: model.loss(params, *batch, lora=factors, lora_scale=scale))(lora)
     updates, opt_state = tx.update(grads, opt_state, lora)
     return optax.apply_updates(lora, updates), opt_state, loss
 
