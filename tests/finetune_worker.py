@@ -1,10 +1,14 @@
-"""A fine-tuning run in its own process, for the resume test: python finetune_worker.py CONFIG_JSON [--resume].
+"""A fine-tuning run in its own process, through the command line: python finetune_worker.py ARGS... .
 
-The model is a small bag-of-words classifier; each step sleeps briefly so that a
-test can kill the process between checkpoints.
+ARGS are ``spra-jax finetune`` options (``--resume`` included); the model is a
+small bag-of-words classifier handed to the command (``--model`` only names
+it). Each step sleeps ``SPRA_WORKER_STEP_SLEEP`` seconds (default 0.1) so that
+a test can interrupt or kill the process between steps. The worker prints
+``worker: ready`` once its imports are done, for tests that time their kills.
 """
 
-import json
+import os
+import shlex
 import sys
 import time
 
@@ -13,8 +17,7 @@ import jax.numpy as jnp
 import transformers
 from flax import nnx
 
-from spra_jax import data, recipes
-from spra_jax import finetune as finetune_lib
+from spra_jax import cli, data, recipes
 
 
 class BagOfWords(nnx.Module):
@@ -31,19 +34,39 @@ class BagOfWords(nnx.Module):
     return self.classifier(jax.nn.gelu(self.dense(pooled)))
 
 
+def write_reviews_csv(path) -> None:
+  """600 real Rotten Tomatoes snippets as a local CSV with string labels (the job's local-file path)."""
+  ds = data.load("rotten-tomatoes", seed=0)["train"].select(range(600))
+  ds.to_pandas()[["text", "label"]].assign(label=lambda d: d.label.map({0: "rotten", 1: "fresh"})).to_csv(path, index=False)
+
+
+def cli_args(config) -> list[str]:
+  """The ``spra-jax finetune`` options that give ``config`` (a FinetuneConfig), every field spelled out."""
+  args = []
+  for name, value in vars(config).items():
+    if value is None and name == "preset":
+      value = "none"
+    if value is not None:
+      args += [f"--{name.replace('_', '-')}", str(value)]
+  return args
+
+
 def main(argv):
-  config = finetune_lib.FinetuneConfig(**json.loads(argv[0]))
   tokenizer = transformers.AutoTokenizer.from_pretrained(data._minilm_dir())
+  pause = float(os.environ.get("SPRA_WORKER_STEP_SLEEP", "0.1"))
   original = recipes.Run.step
 
   def slow(self, state, batch):
-    time.sleep(0.1)
+    time.sleep(pause)
     return original(self, state, batch)
 
   recipes.Run.step = slow  # every method steps through a Run
-  finetune_lib.finetune(config, resume="--resume" in argv, model=BagOfWords(tokenizer.vocab_size, 2, rngs=nnx.Rngs(0)),
-                        tokenizer=tokenizer, progress=False)
+  model = BagOfWords(tokenizer.vocab_size, 2, rngs=nnx.Rngs(0))
+  print("worker: ready", flush=True)
+  prog = shlex.join([sys.executable, os.path.abspath(__file__)])
+  argv = argv[1:] if argv[:1] == ["finetune"] else argv  # the resume command it prints names the subcommand
+  return cli.main(["finetune", *argv], prog=prog, model=model, tokenizer=tokenizer)
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  sys.exit(main(sys.argv[1:]))

@@ -1,8 +1,10 @@
-"""The fine-tuning job: every method trains, writes its outputs, resumes exactly and guards its directory."""
+"""The fine-tuning job: every method trains, writes its outputs, resumes exactly, guards and locks its directory."""
 
 import json
 import os
 import pathlib
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -15,22 +17,22 @@ import transformers
 from flax import nnx
 
 import spra_jax as spra
-from spra_jax import data
+from spra_jax import data, recipes
+from spra_jax import finetune as finetune_lib
 from spra_jax.finetune import FinetuneConfig, finetune
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from finetune_worker import BagOfWords  # noqa: E402  (a small real classifier, shared with the worker)
+from finetune_worker import BagOfWords, cli_args, write_reviews_csv  # noqa: E402  (shared with the worker)
 
 
 @pytest.fixture(scope="module")
 def reviews_csv(tmp_path_factory):
   """600 real Rotten Tomatoes snippets as a local CSV (the job's local-file path)."""
-  ds = data.load("rotten-tomatoes", seed=0)["train"].select(range(600))
   path = tmp_path_factory.mktemp("data") / "reviews.csv"
-  ds.to_pandas()[["text", "label"]].assign(label=lambda d: d.label.map({0: "rotten", 1: "fresh"})).to_csv(path, index=False)
+  write_reviews_csv(path)
   return path
 
 
@@ -87,15 +89,34 @@ def test_each_method_trains_and_writes_its_outputs(method, tmp_path, reviews_csv
     assert (out / "adapter" / "adapter_config.json").exists()
 
 
-def test_output_directory_is_guarded(tmp_path, reviews_csv, tokenizer):
-  cfg = config(tmp_path, reviews_csv, steps=8, eval_every=8)
-  run(cfg, tokenizer)
+def test_output_directory_is_guarded(tmp_path, reviews_csv, tokenizer, capsys):
+  # No lr: the method's default for the family (a model of unknown family, classification: the encoder row).
+  cfg = config(tmp_path, reviews_csv, steps=8, eval_every=8, lr=None)
+  results, _ = run(cfg, tokenizer)
+  assert "learning rate 0.02 (the default of spra for encoder models)\n" in capsys.readouterr().out
+  out = pathlib.Path(cfg.output)
+  assert json.loads((out / "config.json").read_text())["lr"] == 0.02 == results["lr"]
+  assert json.loads((out / "results.json").read_text())["lr"] == 0.02
   with pytest.raises(ValueError, match="already holds this run; pass --resume"):
     run(cfg, tokenizer)
-  with pytest.raises(ValueError, match=r"different run \(fields that differ: \['density'\]\)"):
-    run(config(tmp_path, reviews_csv, steps=8, eval_every=8, density=0.1), tokenizer)
+  with pytest.raises(ValueError, match=r"different run \(fields that differ: \['density'\]; density: saved 0.05, "
+                                       r"given 0.1\)"):
+    run(config(tmp_path, reviews_csv, steps=8, eval_every=8, density=0.1, lr=None), tokenizer)
+  with pytest.raises(ValueError, match="resume and overwrite exclude each other"):
+    run(cfg, tokenizer, resume=True, overwrite=True)
   results, _ = run(config(tmp_path, reviews_csv, steps=8, eval_every=8, density=0.1), tokenizer, overwrite=True)
-  assert results["steps"] == 8
+  assert results["steps"] == 8 and results["lr"] == 3e-2
+  assert (out / ".lock").exists() and (out / ".lock").read_text() == ""  # kept through --overwrite, released empty
+
+
+def test_default_learning_rates_follow_the_table():
+  assert finetune_lib.DEFAULT_LR == {
+      "encoder": {"spra": 2e-2, "head": 1e-1, "lora": 3e-3, "full": 1e-4},
+      "decoder": {"spra": 5e-3, "head": 3e-3, "lora": 3e-3, "full": 1e-4},
+  }
+  assert FinetuneConfig().lr is None
+  for method in finetune_lib.METHODS:
+    assert finetune_lib.default_lr(method, "encoder") == finetune_lib.DEFAULT_LR["encoder"][method]
 
 
 def test_bad_inputs_name_what_was_expected(tmp_path, reviews_csv, tokenizer):
@@ -107,48 +128,141 @@ def test_bad_inputs_name_what_was_expected(tmp_path, reviews_csv, tokenizer):
     run(config(tmp_path, reviews_csv, label_column="sentiment"), tokenizer)
 
 
-class _Worker:
-  """The worker script in a subprocess, its output in a log file."""
+def test_ctrl_c_saves_the_last_step_and_the_resume_is_exact(tmp_path, reviews_csv, tokenizer, monkeypatch):
+  straight, _ = run(config(tmp_path / "a", reviews_csv, lr=None), tokenizer)  # the default rate, 0.02
+  original, calls = recipes.Run.step, []
 
-  def __init__(self, cfg, *flags):
+  def step(self, state, batch):
+    calls.append(1)
+    if len(calls) == 12:  # Ctrl-C during step 12, a step with an evaluation (eval_every=12) and no checkpoint
+      signal.raise_signal(signal.SIGINT)
+    return original(self, state, batch)
+
+  monkeypatch.setattr(recipes.Run, "step", step)
+  cfg = config(tmp_path / "b", reviews_csv, lr=None)
+  out = pathlib.Path(cfg.output)
+  with pytest.raises(finetune_lib.Interrupted) as stopped:
+    run(cfg, tokenizer)
+  assert (stopped.value.step, stopped.value.total) == (12, 24)
+  assert stopped.value.checkpoint == out / "checkpoints" / "12" and stopped.value.checkpoint.is_dir()
+  assert "resume=True" in str(stopped.value)
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the job's handler is gone
+  rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, 13)) and rows[-1]["split"] == "train"
+  monkeypatch.undo()
+  # config.json holds the resolved rate, so the resume may give it explicitly; it evaluates step 12 first, as the
+  # straight run did.
+  resumed, _ = run(config(tmp_path / "b", reviews_csv, lr=0.02), tokenizer, resume=True)
+  _assert_same_run(tmp_path / "a" / "run", out)
+  assert resumed["test"] == straight["test"] and resumed["validation"] == straight["validation"]
+
+
+def _assert_same_run(a: pathlib.Path, b: pathlib.Path, *, sparse: bool = True) -> None:
+  """Two output directories hold the same run: every log line (each step once), the results, the adapter's arrays."""
+  ra, rb = (json.loads((d / "results.json").read_text()) for d in (a, b))
+  for key in ("test", "validation", "trainable", "steps", "lr", "opt_state_bytes", "majority"):
+    assert ra[key] == rb[key], key
+  la, lb = ([json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (a, b))
+  assert la == lb
+  train = [r["step"] for r in lb if r["split"] == "train"]
+  assert train == list(range(1, ra["steps"] + 1))
+  if sparse:
+    da, db = (spra.load_adapter(d / "adapter") for d in (a, b))
+    for x, y in zip(jax.tree.leaves(da), jax.tree.leaves(db), strict=True):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  else:
+    va, vb = (spra.checkpoint.load_dense_adapter(d / "adapter")[0] for d in (a, b))
+    for x, y in zip(jax.tree.leaves(va), jax.tree.leaves(vb), strict=True):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+class _Worker:
+  """The worker script (the command line, a bag-of-words model) in a subprocess, its output in a log file."""
+
+  def __init__(self, cfg, *flags, argv=None, env=None):
     self.log = pathlib.Path(cfg.output + ".log")
     self.log.parent.mkdir(parents=True, exist_ok=True)
-    payload = json.dumps(dict(cfg.__dict__))
+    self.start = self.log.stat().st_size if self.log.exists() else 0
+    argv = argv or [sys.executable, str(ROOT / "tests" / "finetune_worker.py"), *cli_args(cfg), "--no-progress",
+                    *flags]
     with open(self.log, "ab") as log:
-      self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "finetune_worker.py"), payload, *flags],
-                                   env={**os.environ, "JAX_PLATFORMS": "cpu"}, cwd=str(ROOT), stdout=log,
-                                   stderr=subprocess.STDOUT)
+      self.proc = subprocess.Popen(argv, env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}, cwd=str(ROOT),
+                                   stdout=log, stderr=subprocess.STDOUT)
 
   def output(self):
-    return self.log.read_text()[-3000:]
+    """What this process wrote."""
+    return self.log.read_bytes()[self.start:].decode(errors="replace")
+
+  def wait(self, timeout=300):
+    return self.proc.wait(timeout=timeout)
 
 
-@pytest.mark.parametrize("method", ["spra", "full"])
-def test_resume_after_sigkill_is_exact(method, tmp_path, reviews_csv):
-  common = dict(method=method, steps=30, eval_every=30, checkpoint_every=6)
+def _train_lines(out: pathlib.Path) -> int:
+  path = out / "metrics.jsonl"
+  return sum('"split": "train"' in x for x in path.read_text().splitlines()) if path.exists() else 0
+
+
+def _wait_for(condition, worker, what, timeout=240):
+  deadline = time.time() + timeout
+  while not condition():
+    assert worker.proc.poll() is None, f"the run ended before {what}: " + worker.output()[-3000:]
+    assert time.time() < deadline, f"timed out waiting for {what}: " + worker.output()[-3000:]
+    time.sleep(0.01)
+
+
+def test_resume_after_sigkill_is_exact_full(tmp_path, reviews_csv):
+  common = dict(method="full", steps=30, eval_every=30, checkpoint_every=6)
   straight = config(tmp_path / "a", reviews_csv, **common)
   worker = _Worker(straight)
-  assert worker.proc.wait(timeout=300) == 0, worker.output()
+  assert worker.wait() == 0, worker.output()
 
   killed = config(tmp_path / "b", reviews_csv, **common)
   worker = _Worker(killed)
   ckpt_dir = pathlib.Path(killed.output) / "checkpoints"
-  deadline = time.time() + 240
-  while time.time() < deadline and not (ckpt_dir.exists() and any(p.name == "12" for p in ckpt_dir.iterdir())):
-    assert worker.proc.poll() is None, "the run ended before it could be killed: " + worker.output()
-    time.sleep(0.05)
+  _wait_for(lambda: (ckpt_dir / "12").is_dir(), worker, "checkpoint 12")
   worker.proc.send_signal(signal.SIGKILL)
-  worker.proc.wait()
+  worker.wait()
   assert not (pathlib.Path(killed.output) / "results.json").exists()  # it really was cut short
   worker = _Worker(killed, "--resume")
-  assert worker.proc.wait(timeout=300) == 0, worker.output()
+  assert worker.wait() == 0, worker.output()
+  _assert_same_run(pathlib.Path(straight.output), pathlib.Path(killed.output), sparse=False)
 
-  a, b = (json.loads((pathlib.Path(c.output) / "results.json").read_text()) for c in (straight, killed))
-  assert a["test"] == b["test"] and a["validation"] == b["validation"]
-  lines = [[json.loads(x) for x in (pathlib.Path(c.output) / "metrics.jsonl").read_text().splitlines()]
-           for c in (straight, killed)]
-  assert [r["loss"] for r in lines[0] if r["split"] == "train"] == [r["loss"] for r in lines[1] if r["split"] == "train"]
-  if method == "spra":
-    da, db = (spra.load_adapter(pathlib.Path(c.output) / "adapter") for c in (straight, killed))
-    for x, y in zip(jax.tree.leaves(da), jax.tree.leaves(db)):
-      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+def test_lock_sigkill_and_ctrl_c_then_resume_is_exact(tmp_path, reviews_csv, tokenizer):
+  """One run: locked against a second job, SIGKILLed, resumed (taking the stale lock over), Ctrl-C'd, resumed."""
+  common = dict(method="spra", steps=30, eval_every=10, checkpoint_every=6)
+  straight = config(tmp_path / "a", reviews_csv, **common)
+  worker = _Worker(straight)
+  assert worker.wait() == 0, worker.output()
+
+  cfg = config(tmp_path / "b", reviews_csv, **common)
+  out = pathlib.Path(cfg.output)
+  worker = _Worker(cfg)
+  _wait_for(lambda: (out / "checkpoints" / "12").is_dir(), worker, "checkpoint 12")
+  # A second job on the same directory is refused at once, naming the holder; the first one is not disturbed.
+  model = BagOfWords(tokenizer.vocab_size, 2, rngs=nnx.Rngs(0))
+  t0 = time.perf_counter()
+  with pytest.raises(ValueError, match=rf"{re.escape(str(out))} is in use by another job: pid {worker.proc.pid} on "
+                                       rf"host \S+ since \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d"):
+    finetune(cfg, resume=True, model=model, tokenizer=tokenizer, progress=False)
+  assert time.perf_counter() - t0 < 5  # at once: nothing was loaded
+  killed_pid = worker.proc.pid
+  worker.proc.send_signal(signal.SIGKILL)
+  worker.wait()
+  assert json.loads((out / ".lock").read_text())["pid"] == killed_pid  # the dead holder's note stays behind...
+
+  worker = _Worker(cfg, "--resume")  # ...and the kernel released its flock: the resume takes the lock over
+  _wait_for(lambda: _train_lines(out) >= 19, worker, "step 19")
+  worker.proc.send_signal(signal.SIGINT)  # Ctrl-C
+  assert worker.wait() == 130, worker.output()
+  text = worker.output()
+  assert f"note: took over the lock of {out} from pid {killed_pid} on host" in text
+  assert "Traceback" not in text
+  found = re.search(rf"^interrupted after step (\d+) of 30: the checkpoint of step \1 is in "
+                    rf"{re.escape(str(out))}/checkpoints/\1; resume with: (.+ --resume)$", text, re.M)
+  assert found, text
+  assert (out / "checkpoints" / found.group(1)).is_dir()
+  # The printed command resumes the run, and the result is the straight run's.
+  worker = _Worker(cfg, argv=shlex.split(found.group(2)))
+  assert worker.wait() == 0, worker.output()
+  _assert_same_run(pathlib.Path(straight.output), out)
