@@ -4,20 +4,33 @@ ARGS are ``spra-jax finetune`` options (``--resume`` included); the model is a
 small bag-of-words classifier handed to the command (``--model`` only names
 it). Each step sleeps ``SPRA_WORKER_STEP_SLEEP`` seconds (default 0.1) so that
 a test can interrupt or kill the process between steps. The worker prints
-``worker: ready`` once its imports are done, for tests that time their kills.
+``worker: ready`` once its imports are done and its model is built, and
+``worker: step ...`` after each step, for tests that time their kills.
+
+The tests import the model, the CSV they train on, :class:`Worker` (this
+script in a subprocess) and :func:`assert_same_run` from here.
 """
 
+import json
 import os
+import pathlib
+import select
 import shlex
+import signal
+import subprocess
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import transformers
 from flax import nnx
 
+import spra_jax as spra
 from spra_jax import cli, data, recipes
+
+ROOT = str(pathlib.Path(__file__).resolve().parents[1])
 
 
 class BagOfWords(nnx.Module):
@@ -51,14 +64,65 @@ def cli_args(config) -> list[str]:
   return args
 
 
-def main(argv):
-  tokenizer = transformers.AutoTokenizer.from_pretrained(data._minilm_dir())
+# Helpers for the tests that run this worker.
+
+
+class Worker:
+  """The worker script (the command line, a bag-of-words model) in a subprocess, its output in a log file."""
+
+  def __init__(self, cfg, *flags, argv=None, env=None):
+    self.log = pathlib.Path(cfg.output + ".log")
+    self.log.parent.mkdir(parents=True, exist_ok=True)
+    self.start = self.log.stat().st_size if self.log.exists() else 0
+    argv = argv or [sys.executable, os.path.abspath(__file__), *cli_args(cfg), "--no-progress", *flags]
+    with open(self.log, "ab") as log:
+      self.proc = subprocess.Popen(argv, env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}, cwd=ROOT,
+                                   stdout=log, stderr=subprocess.STDOUT)
+
+  def output(self):
+    """What this process wrote."""
+    return self.log.read_bytes()[self.start:].decode(errors="replace")
+
+  def wait(self, timeout=300):
+    return self.proc.wait(timeout=timeout)
+
+  def poll(self):
+    return self.proc.poll()
+
+  def kill(self):
+    self.proc.send_signal(signal.SIGKILL)
+    return True
+
+
+def assert_same_run(a: pathlib.Path, b: pathlib.Path, *, sparse: bool = True) -> None:
+  """Two output directories hold the same run: every log line (each step once), the results, the adapter's arrays."""
+  ra, rb = (json.loads((d / "results.json").read_text()) for d in (a, b))
+  for key in ("test", "validation", "trainable", "steps", "lr", "opt_state_bytes", "majority"):
+    assert ra[key] == rb[key], key
+  la, lb = ([json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (a, b))
+  assert la == lb
+  train = [r["step"] for r in lb if r["split"] == "train"]
+  assert train == list(range(1, ra["steps"] + 1))
+  if sparse:
+    da, db = (spra.load_adapter(d / "adapter") for d in (a, b))
+    for x, y in zip(jax.tree.leaves(da), jax.tree.leaves(db), strict=True):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  else:
+    va, vb = (spra.checkpoint.load_dense_adapter(d / "adapter")[0] for d in (a, b))
+    for x, y in zip(jax.tree.leaves(va), jax.tree.leaves(vb), strict=True):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def main(argv, tokenizer=None):
+  tokenizer = tokenizer or transformers.AutoTokenizer.from_pretrained(data._minilm_dir())
   pause = float(os.environ.get("SPRA_WORKER_STEP_SLEEP", "0.1"))
   original = recipes.Run.step
 
   def slow(self, state, batch):
     time.sleep(pause)
-    return original(self, state, batch)
+    state, loss = original(self, state, batch)
+    print(f"worker: step loss {float(loss)}", flush=True)  # one line per step: tests time their kills by it
+    return state, loss
 
   recipes.Run.step = slow  # every method steps through a Run
   model = BagOfWords(tokenizer.vocab_size, 2, rngs=nnx.Rngs(0))
@@ -68,5 +132,111 @@ def main(argv):
   return cli.main(["finetune", *argv], prog=prog, model=model, tokenizer=tokenizer)
 
 
+def serve():
+  """``--serve``: import and load the tokenizer once, then run each job read from stdin in a forked child.
+
+  A request is a JSON line ``{"argv": [...], "log": path, "env": {...}}``; the
+  server answers with the child's pid, and with ``exit STATUS`` when it ends
+  (negative: killed by that signal). Nothing here has started JAX's runtime or
+  a thread, so forking is safe; each child starts its own. Tests that start
+  many short runs save the imports this way (several seconds a run).
+  """
+  tokenizer = transformers.AutoTokenizer.from_pretrained(data._minilm_dir())
+  print("serving", flush=True)
+  for line in sys.stdin:
+    request = json.loads(line)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the child: its output goes to the log; it never returns to the loop
+      status = 1
+      try:
+        log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+        os.environ.update(request.get("env") or {})
+        status = main(request["argv"], tokenizer=tokenizer)
+      except BaseException:
+        import traceback
+
+        traceback.print_exc()
+      finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    print(pid, flush=True)
+    print(f"exit {os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])}", flush=True)
+
+
+class Server:
+  """This script's ``--serve`` mode in a subprocess: :meth:`start` runs a job in a fork of it."""
+
+  def __init__(self, env=None):
+    self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve"], cwd=ROOT, bufsize=0,
+                                 env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})},
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert self.line(120) == "serving"
+
+  def line(self, timeout):
+    """The server's next line, read without buffering (so that select sees what is still to come)."""
+    out, fd, deadline = b"", self.proc.stdout.fileno(), time.time() + timeout
+    while not out.endswith(b"\n"):
+      ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.time()))
+      assert ready, f"the server said nothing within {timeout} s"
+      byte = os.read(fd, 1)
+      assert byte, "the server ended"
+      out += byte
+    return out.decode().strip()
+
+  def start(self, cfg, *flags, env=None):
+    return ServedRun(self, cfg, [*cli_args(cfg), "--no-progress", *flags], env)
+
+  def close(self):
+    self.proc.stdin.close()  # the server's loop ends at the end of its input
+    self.proc.wait(timeout=60)
+    self.proc.stdout.close()
+
+
+class ServedRun:
+  """A job running in a fork of a :class:`Server` (the interface of :class:`Worker`)."""
+
+  def __init__(self, server, cfg, argv, env):
+    self.server, self.log = server, pathlib.Path(cfg.output + ".log")
+    self.log.parent.mkdir(parents=True, exist_ok=True)
+    self.log.touch()
+    self.start = self.log.stat().st_size
+    server.proc.stdin.write((json.dumps({"argv": argv, "log": str(self.log), "env": env}) + "\n").encode())
+    self.pid, self.status = int(server.line(60)), None
+
+  def output(self):
+    return self.log.read_bytes()[self.start:].decode(errors="replace")
+
+  def poll(self):
+    """None while it runs, else its exit status."""
+    if self.status is None:
+      try:
+        os.kill(self.pid, 0)  # the server reaps the child as soon as it ends, so this fails from then on
+        return None
+      except ProcessLookupError:
+        return self.wait()
+    return self.status
+
+  def kill(self):
+    """SIGKILL; False if it had already ended."""
+    try:
+      os.kill(self.pid, signal.SIGKILL)
+      return True
+    except ProcessLookupError:
+      return False
+
+  def wait(self, timeout=300):
+    if self.status is None:
+      answer = self.server.line(timeout).split()
+      assert answer[0] == "exit", answer
+      self.status = int(answer[1])
+    return self.status
+
+
 if __name__ == "__main__":
-  sys.exit(main(sys.argv[1:]))
+  sys.exit(serve() if sys.argv[1:] == ["--serve"] else main(sys.argv[1:]))

@@ -1,12 +1,10 @@
 """The fine-tuning job: every method trains, writes its outputs, resumes exactly, guards and locks its directory."""
 
 import json
-import os
 import pathlib
 import re
 import shlex
 import signal
-import subprocess
 import sys
 import time
 
@@ -21,11 +19,8 @@ from spra_jax import data, recipes
 from spra_jax import finetune as finetune_lib
 from spra_jax.finetune import FinetuneConfig, finetune
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from finetune_worker import BagOfWords, cli_args, write_reviews_csv  # noqa: E402  (shared with the worker)
+from finetune_worker import BagOfWords, Worker, assert_same_run, write_reviews_csv  # noqa: E402  (shared)
 
 
 @pytest.fixture(scope="module")
@@ -153,48 +148,8 @@ def test_ctrl_c_saves_the_last_step_and_the_resume_is_exact(tmp_path, reviews_cs
   # config.json holds the resolved rate, so the resume may give it explicitly; it evaluates step 12 first, as the
   # straight run did.
   resumed, _ = run(config(tmp_path / "b", reviews_csv, lr=0.02), tokenizer, resume=True)
-  _assert_same_run(tmp_path / "a" / "run", out)
+  assert_same_run(tmp_path / "a" / "run", out)
   assert resumed["test"] == straight["test"] and resumed["validation"] == straight["validation"]
-
-
-def _assert_same_run(a: pathlib.Path, b: pathlib.Path, *, sparse: bool = True) -> None:
-  """Two output directories hold the same run: every log line (each step once), the results, the adapter's arrays."""
-  ra, rb = (json.loads((d / "results.json").read_text()) for d in (a, b))
-  for key in ("test", "validation", "trainable", "steps", "lr", "opt_state_bytes", "majority"):
-    assert ra[key] == rb[key], key
-  la, lb = ([json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (a, b))
-  assert la == lb
-  train = [r["step"] for r in lb if r["split"] == "train"]
-  assert train == list(range(1, ra["steps"] + 1))
-  if sparse:
-    da, db = (spra.load_adapter(d / "adapter") for d in (a, b))
-    for x, y in zip(jax.tree.leaves(da), jax.tree.leaves(db), strict=True):
-      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-  else:
-    va, vb = (spra.checkpoint.load_dense_adapter(d / "adapter")[0] for d in (a, b))
-    for x, y in zip(jax.tree.leaves(va), jax.tree.leaves(vb), strict=True):
-      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
-class _Worker:
-  """The worker script (the command line, a bag-of-words model) in a subprocess, its output in a log file."""
-
-  def __init__(self, cfg, *flags, argv=None, env=None):
-    self.log = pathlib.Path(cfg.output + ".log")
-    self.log.parent.mkdir(parents=True, exist_ok=True)
-    self.start = self.log.stat().st_size if self.log.exists() else 0
-    argv = argv or [sys.executable, str(ROOT / "tests" / "finetune_worker.py"), *cli_args(cfg), "--no-progress",
-                    *flags]
-    with open(self.log, "ab") as log:
-      self.proc = subprocess.Popen(argv, env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}, cwd=str(ROOT),
-                                   stdout=log, stderr=subprocess.STDOUT)
-
-  def output(self):
-    """What this process wrote."""
-    return self.log.read_bytes()[self.start:].decode(errors="replace")
-
-  def wait(self, timeout=300):
-    return self.proc.wait(timeout=timeout)
 
 
 def _train_lines(out: pathlib.Path) -> int:
@@ -213,31 +168,31 @@ def _wait_for(condition, worker, what, timeout=240):
 def test_resume_after_sigkill_is_exact_full(tmp_path, reviews_csv):
   common = dict(method="full", steps=30, eval_every=30, checkpoint_every=6)
   straight = config(tmp_path / "a", reviews_csv, **common)
-  worker = _Worker(straight)
+  worker = Worker(straight)
   assert worker.wait() == 0, worker.output()
 
   killed = config(tmp_path / "b", reviews_csv, **common)
-  worker = _Worker(killed)
+  worker = Worker(killed)
   ckpt_dir = pathlib.Path(killed.output) / "checkpoints"
   _wait_for(lambda: (ckpt_dir / "12").is_dir(), worker, "checkpoint 12")
   worker.proc.send_signal(signal.SIGKILL)
   worker.wait()
   assert not (pathlib.Path(killed.output) / "results.json").exists()  # it really was cut short
-  worker = _Worker(killed, "--resume")
+  worker = Worker(killed, "--resume")
   assert worker.wait() == 0, worker.output()
-  _assert_same_run(pathlib.Path(straight.output), pathlib.Path(killed.output), sparse=False)
+  assert_same_run(pathlib.Path(straight.output), pathlib.Path(killed.output), sparse=False)
 
 
 def test_lock_sigkill_and_ctrl_c_then_resume_is_exact(tmp_path, reviews_csv, tokenizer):
   """One run: locked against a second job, SIGKILLed, resumed (taking the stale lock over), Ctrl-C'd, resumed."""
   common = dict(method="spra", steps=30, eval_every=10, checkpoint_every=6)
   straight = config(tmp_path / "a", reviews_csv, **common)
-  worker = _Worker(straight)
+  worker = Worker(straight)
   assert worker.wait() == 0, worker.output()
 
   cfg = config(tmp_path / "b", reviews_csv, **common)
   out = pathlib.Path(cfg.output)
-  worker = _Worker(cfg)
+  worker = Worker(cfg)
   _wait_for(lambda: (out / "checkpoints" / "12").is_dir(), worker, "checkpoint 12")
   # A second job on the same directory is refused at once, naming the holder; the first one is not disturbed.
   model = BagOfWords(tokenizer.vocab_size, 2, rngs=nnx.Rngs(0))
@@ -251,7 +206,7 @@ def test_lock_sigkill_and_ctrl_c_then_resume_is_exact(tmp_path, reviews_csv, tok
   worker.wait()
   assert json.loads((out / ".lock").read_text())["pid"] == killed_pid  # the dead holder's note stays behind...
 
-  worker = _Worker(cfg, "--resume")  # ...and the kernel released its flock: the resume takes the lock over
+  worker = Worker(cfg, "--resume")  # ...and the kernel released its flock: the resume takes the lock over
   _wait_for(lambda: _train_lines(out) >= 19, worker, "step 19")
   worker.proc.send_signal(signal.SIGINT)  # Ctrl-C
   assert worker.wait() == 130, worker.output()
@@ -263,6 +218,6 @@ def test_lock_sigkill_and_ctrl_c_then_resume_is_exact(tmp_path, reviews_csv, tok
   assert found, text
   assert (out / "checkpoints" / found.group(1)).is_dir()
   # The printed command resumes the run, and the result is the straight run's.
-  worker = _Worker(cfg, argv=shlex.split(found.group(2)))
+  worker = Worker(cfg, argv=shlex.split(found.group(2)))
   assert worker.wait() == 0, worker.output()
-  _assert_same_run(pathlib.Path(straight.output), out)
+  assert_same_run(pathlib.Path(straight.output), out)
