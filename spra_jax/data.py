@@ -338,7 +338,7 @@ def peek_columns(name_or_path: str) -> list[str] | None:
   >>> import os, tempfile
   >>> path = os.path.join(tempfile.mkdtemp(), "empty.csv")
   >>> with open(path, "w") as f:
-  ...   _ = f.write("text,label\n")
+  ...   _ = f.write("text,label\\n")
   >>> peek_columns(path)
   Traceback (most recent call last):
   ...

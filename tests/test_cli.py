@@ -227,3 +227,18 @@ def test_every_flag_reaches_the_config(monkeypatch, capsys):
   status = cli.main(["finetune", *cli_args(wanted), "--resume", "--no-progress"])
   assert status == 2 and capsys.readouterr().err == "error: stop here\n"
   assert seen["config"] == wanted and seen["resume"] is True and seen["progress"] is False
+
+
+def test_ctrl_c_outside_training_exits_130_with_one_line(monkeypatch, capsys, tmp_path):
+  """Ctrl-C before the loop (a model load, say): no traceback; the resume command once the run has a config.json."""
+  def interrupted(config, **kwargs):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(cli, "finetune", interrupted)
+  out = tmp_path / "run"
+  assert cli.main(["finetune", "--output", str(out), "--overwrite"]) == 130
+  assert capsys.readouterr().err == "interrupted: the run had not started; nothing was saved\n"
+  out.mkdir()
+  (out / "config.json").write_text("{}")
+  assert cli.main(["finetune", "--output", str(out), "--overwrite"], prog="spra-jax") == 130
+  assert capsys.readouterr().err == f"interrupted: resume with: spra-jax finetune --output {out} --resume\n"
