@@ -86,12 +86,18 @@ class Worker:
   def wait(self, timeout=300):
     return self.proc.wait(timeout=timeout)
 
+  @property
+  def pid(self):
+    return self.proc.pid
+
   def poll(self):
     return self.proc.poll()
 
+  def send_signal(self, sig):
+    self.proc.send_signal(sig)
+
   def kill(self):
-    self.proc.send_signal(signal.SIGKILL)
-    return True
+    self.send_signal(signal.SIGKILL)
 
 
 def assert_same_run(a: pathlib.Path, b: pathlib.Path, *, sparse: bool = True) -> None:
@@ -172,7 +178,10 @@ def serve():
 class Server:
   """This script's ``--serve`` mode in a subprocess: :meth:`start` runs a job in a fork of it."""
 
-  def __init__(self, env=None):
+  def __init__(self, env=None, *, compile_cache=None):
+    if compile_cache is not None:  # the runs' compilations, on disk: later runs load them instead of compiling
+      env = {**(env or {}), "JAX_COMPILATION_CACHE_DIR": str(compile_cache),
+             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
     self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve"], cwd=ROOT, bufsize=0,
                                  env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})},
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE)
@@ -222,13 +231,14 @@ class ServedRun:
         return self.wait()
     return self.status
 
-  def kill(self):
-    """SIGKILL; False if it had already ended."""
+  def send_signal(self, sig):
     try:
-      os.kill(self.pid, signal.SIGKILL)
-      return True
+      os.kill(self.pid, sig)
     except ProcessLookupError:
-      return False
+      pass  # it has ended: wait() says how
+
+  def kill(self):
+    self.send_signal(signal.SIGKILL)
 
   def wait(self, timeout=300):
     if self.status is None:

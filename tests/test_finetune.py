@@ -20,7 +20,7 @@ from spra_jax import finetune as finetune_lib
 from spra_jax.finetune import FinetuneConfig, finetune
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from finetune_worker import BagOfWords, Worker, assert_same_run, write_reviews_csv  # noqa: E402  (shared)
+from finetune_worker import BagOfWords, Server, Worker, assert_same_run, write_reviews_csv  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +29,14 @@ def reviews_csv(tmp_path_factory):
   path = tmp_path_factory.mktemp("data") / "reviews.csv"
   write_reviews_csv(path)
   return path
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+  """Runs of the worker, each a fork of one process that imported everything once (compilations cached on disk)."""
+  served = Server(compile_cache=tmp_path_factory.mktemp("jax-cache"))
+  yield served
+  served.close()
 
 
 @pytest.fixture(scope="module")
@@ -152,63 +160,60 @@ def test_ctrl_c_saves_the_last_step_and_the_resume_is_exact(tmp_path, reviews_cs
   assert resumed["test"] == straight["test"] and resumed["validation"] == straight["validation"]
 
 
-def _train_lines(out: pathlib.Path) -> int:
-  path = out / "metrics.jsonl"
-  return sum('"split": "train"' in x for x in path.read_text().splitlines()) if path.exists() else 0
-
-
 def _wait_for(condition, worker, what, timeout=240):
   deadline = time.time() + timeout
   while not condition():
-    assert worker.proc.poll() is None, f"the run ended before {what}: " + worker.output()[-3000:]
+    assert worker.poll() is None, f"the run ended before {what}: " + worker.output()[-3000:]
     assert time.time() < deadline, f"timed out waiting for {what}: " + worker.output()[-3000:]
     time.sleep(0.01)
 
 
-def test_resume_after_sigkill_is_exact_full(tmp_path, reviews_csv):
+def test_resume_after_sigkill_is_exact_full(tmp_path, reviews_csv, server):
   common = dict(method="full", steps=30, eval_every=30, checkpoint_every=6)
   straight = config(tmp_path / "a", reviews_csv, **common)
-  worker = Worker(straight)
+  worker = server.start(straight)
   assert worker.wait() == 0, worker.output()
 
   killed = config(tmp_path / "b", reviews_csv, **common)
-  worker = Worker(killed)
+  worker = server.start(killed)
   ckpt_dir = pathlib.Path(killed.output) / "checkpoints"
   _wait_for(lambda: (ckpt_dir / "12").is_dir(), worker, "checkpoint 12")
-  worker.proc.send_signal(signal.SIGKILL)
+  worker.send_signal(signal.SIGKILL)
   worker.wait()
   assert not (pathlib.Path(killed.output) / "results.json").exists()  # it really was cut short
-  worker = Worker(killed, "--resume")
+  worker = server.start(killed, "--resume")
   assert worker.wait() == 0, worker.output()
   assert_same_run(pathlib.Path(straight.output), pathlib.Path(killed.output), sparse=False)
 
 
-def test_lock_sigkill_and_ctrl_c_then_resume_is_exact(tmp_path, reviews_csv, tokenizer):
+def test_lock_sigkill_and_ctrl_c_then_resume_is_exact(tmp_path, reviews_csv, tokenizer, server):
   """One run: locked against a second job, SIGKILLed, resumed (taking the stale lock over), Ctrl-C'd, resumed."""
   common = dict(method="spra", steps=30, eval_every=10, checkpoint_every=6)
   straight = config(tmp_path / "a", reviews_csv, **common)
-  worker = Worker(straight)
+  worker = server.start(straight)
   assert worker.wait() == 0, worker.output()
 
   cfg = config(tmp_path / "b", reviews_csv, **common)
   out = pathlib.Path(cfg.output)
-  worker = Worker(cfg)
+  worker = server.start(cfg)
   _wait_for(lambda: (out / "checkpoints" / "12").is_dir(), worker, "checkpoint 12")
-  # A second job on the same directory is refused at once, naming the holder; the first one is not disturbed.
+  worker.send_signal(signal.SIGSTOP)  # frozen where it is, still holding the lock
+  # A second job on the same directory is refused at once, naming the holder.
   model = BagOfWords(tokenizer.vocab_size, 2, rngs=nnx.Rngs(0))
   t0 = time.perf_counter()
-  with pytest.raises(ValueError, match=rf"{re.escape(str(out))} is in use by another job: pid {worker.proc.pid} on "
+  with pytest.raises(ValueError, match=rf"{re.escape(str(out))} is in use by another job: pid {worker.pid} on "
                                        rf"host \S+ since \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d"):
     finetune(cfg, resume=True, model=model, tokenizer=tokenizer, progress=False)
   assert time.perf_counter() - t0 < 5  # at once: nothing was loaded
-  killed_pid = worker.proc.pid
-  worker.proc.send_signal(signal.SIGKILL)
+  killed_pid = worker.pid
+  worker.send_signal(signal.SIGKILL)
   worker.wait()
   assert json.loads((out / ".lock").read_text())["pid"] == killed_pid  # the dead holder's note stays behind...
 
-  worker = Worker(cfg, "--resume")  # ...and the kernel released its flock: the resume takes the lock over
-  _wait_for(lambda: _train_lines(out) >= 19, worker, "step 19")
-  worker.proc.send_signal(signal.SIGINT)  # Ctrl-C
+  start = max(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+  worker = server.start(cfg, "--resume")  # ...and the kernel released its flock: the resume takes the lock over
+  _wait_for(lambda: worker.output().count("worker: step ") >= 19 - start, worker, "step 19")
+  worker.send_signal(signal.SIGINT)  # Ctrl-C
   assert worker.wait() == 130, worker.output()
   text = worker.output()
   assert f"note: took over the lock of {out} from pid {killed_pid} on host" in text
@@ -217,7 +222,7 @@ def test_lock_sigkill_and_ctrl_c_then_resume_is_exact(tmp_path, reviews_csv, tok
                     rf"{re.escape(str(out))}/checkpoints/\1; resume with: (.+ --resume)$", text, re.M)
   assert found, text
   assert (out / "checkpoints" / found.group(1)).is_dir()
-  # The printed command resumes the run, and the result is the straight run's.
+  # The printed command resumes the run (run as it is printed, in a new process), and the result is the straight run's.
   worker = Worker(cfg, argv=shlex.split(found.group(2)))
   assert worker.wait() == 0, worker.output()
   assert_same_run(pathlib.Path(straight.output), out)

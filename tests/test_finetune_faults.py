@@ -75,9 +75,7 @@ def _wait(worker, condition, timeout=240):
 @pytest.fixture
 def server(tmp_path):
   """Forks of one worker process that imported everything once; compilations cached on disk across the runs."""
-  served = Server(env={"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax-cache"),
-                       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-                       "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"})
+  served = Server(compile_cache=tmp_path / "jax-cache")
   yield served
   served.close()
 
