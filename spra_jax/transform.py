@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import sys
 from typing import Any, NamedTuple
 
 import jax
@@ -50,6 +51,31 @@ class SparseMaskedState(NamedTuple):
 
   mask: Any
   inner_state: optax.OptState
+
+
+def _without_variables(tree: Any) -> Any:
+  """``tree`` with every Flax NNX ``Variable`` replaced by its value (``tree`` itself if it holds none).
+
+  A mask sampled on ``nnx.state(model, nnx.Param)`` has a ``Param`` around each
+  ``LeafMask``. Kept in the state, such a Variable is what ``nnx.Optimizer``
+  sees as one optimizer-state leaf: it rewraps it whole and later writes the
+  flattened indices into it, and the mask's static part (kind, shape, blocks)
+  is lost. Without the Variables the state's only leaves are index arrays, and
+  any handler that maps over array leaves and rebuilds the tree keeps every
+  ``LeafMask`` intact. Flax is only consulted when already imported: a tree
+  can hold no Variable otherwise.
+  """
+  nnx = sys.modules.get("flax.nnx")
+  variable = getattr(nnx, "Variable", None)
+  if variable is None:
+    return tree
+
+  def is_variable(x: Any) -> bool:
+    return isinstance(x, variable)
+
+  if not any(is_variable(x) for x in jax.tree.leaves(tree, is_leaf=is_variable)):
+    return tree
+  return nnx.as_pure(tree)
 
 
 def _as_extra_args_transform(inner: Any) -> optax.GradientTransformationExtraArgs:
@@ -77,6 +103,13 @@ def masked(
   with a ``density`` or ``distribution``, and ``init`` samples the mask from the
   parameters (which may be ``jax.ShapeDtypeStruct``) with
   ``sample_mask(key, params, distribution, include=..., exclude=..., full=...)``.
+  Parameters may be any arrays optax accepts (numpy arrays and Python scalars
+  included).
+
+  It works as the transformation of ``nnx.Optimizer(model, tx, wrt=nnx.Param)``:
+  Flax NNX ``Variable`` wrappers in the parameters, gradients or mask are
+  dropped in the state (its mask and inner state hold plain arrays), and the
+  updates come back in the structure of the gradients given.
 
   Updates are exactly zero outside the mask. Anything that should see only the
   trained entries belongs *inside* the wrapper: ``optax.clip_by_global_norm``
@@ -122,6 +155,7 @@ def masked(
       raise ValueError(
           f"masked() got a mask and also {', '.join(given)}; these sample a mask at init. Give one or the other."
       )
+    mask = _without_variables(mask)  # e.g. sampled on nnx.state(model, nnx.Param): a Param around each LeafMask
     dist = None
   else:
     if key is None:
@@ -132,6 +166,7 @@ def masked(
     dist = resolve_distribution(distribution, density)
 
   def init_fn(params):
+    params = _without_variables(params)  # NNX Variables stay out of the optimizer state; see _without_variables
     if type(params).__name__ == "_ParamsPlaceholder":
       raise TypeError(
           "spra.masked's state is compact (k entries per leaf), not shaped like the parameters, so "
@@ -145,12 +180,19 @@ def masked(
     return SparseMaskedState(mask=m, inner_state=inner.init(compact.gather(params, m)))
 
   def update_fn(updates, state, params=None, **extra_args):
+    # A state or gradients that still hold NNX Variables (e.g. ``nnx.Optimizer``'s own ``opt_state``, or
+    # ``nnx.state(grads)``) are read through their values; the updates are given back the gradients' structure.
+    state = _without_variables(state)
+    grads = _without_variables(updates)
     m = state.mask
-    validate(m, updates, check_indices=False)
-    compact_updates = compact.gather(updates, m)
-    compact_params = None if params is None else compact.gather(params, m)
+    validate(m, grads, check_indices=False)
+    compact_updates = compact.gather(grads, m)
+    compact_params = None if params is None else compact.gather(_without_variables(params), m)
     compact_updates, inner_state = inner.update(compact_updates, state.inner_state, compact_params, **extra_args)
-    return compact.scatter(compact_updates, m, updates), SparseMaskedState(mask=m, inner_state=inner_state)
+    dense = compact.scatter(compact_updates, m, grads)
+    if grads is not updates:
+      dense = jax.tree.structure(updates).unflatten(jax.tree.leaves(dense))
+    return dense, SparseMaskedState(mask=m, inner_state=inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -159,7 +201,8 @@ def mask_of(opt_state: optax.OptState) -> Any:
   """The mask inside an optimizer state built by :func:`masked`.
 
   The state may be nested in other states (``optax.chain``,
-  ``optax.inject_hyperparams``, ``optax.apply_if_finite``, ...).
+  ``optax.inject_hyperparams``, ``optax.apply_if_finite``, ...), or be the
+  ``opt_state`` of an ``nnx.Optimizer`` (its Variables are read through).
 
   Raises:
     ValueError: if the state holds no :class:`SparseMaskedState`, or several.
@@ -185,4 +228,4 @@ def mask_of(opt_state: optax.OptState) -> Any:
         f"the optimizer state holds {len(found)} spra.masked states; take the mask from the one you mean, "
         "e.g. state[i].mask."
     )
-  return found[0].mask
+  return _without_variables(found[0].mask)
