@@ -53,8 +53,13 @@ class SparseMaskedState(NamedTuple):
   inner_state: optax.OptState
 
 
-def _without_variables(tree: Any) -> Any:
+def without_variables(tree: Any) -> Any:
   """``tree`` with every Flax NNX ``Variable`` replaced by its value (``tree`` itself if it holds none).
+
+  >>> import jax.numpy as jnp
+  >>> tree = {'w': jnp.ones(2)}
+  >>> without_variables(tree) is tree
+  True
 
   A mask sampled on ``nnx.state(model, nnx.Param)`` has a ``Param`` around each
   ``LeafMask``. Kept in the state, such a Variable is what ``nnx.Optimizer``
@@ -155,7 +160,7 @@ def masked(
       raise ValueError(
           f"masked() got a mask and also {', '.join(given)}; these sample a mask at init. Give one or the other."
       )
-    mask = _without_variables(mask)  # e.g. sampled on nnx.state(model, nnx.Param): a Param around each LeafMask
+    mask = without_variables(mask)  # e.g. sampled on nnx.state(model, nnx.Param): a Param around each LeafMask
     dist = None
   else:
     if key is None:
@@ -166,7 +171,7 @@ def masked(
     dist = resolve_distribution(distribution, density)
 
   def init_fn(params):
-    params = _without_variables(params)  # NNX Variables stay out of the optimizer state; see _without_variables
+    params = without_variables(params)  # NNX Variables stay out of the optimizer state; see without_variables
     if type(params).__name__ == "_ParamsPlaceholder":
       raise TypeError(
           "spra.masked's state is compact (k entries per leaf), not shaped like the parameters, so "
@@ -182,12 +187,12 @@ def masked(
   def update_fn(updates, state, params=None, **extra_args):
     # A state or gradients that still hold NNX Variables (e.g. ``nnx.Optimizer``'s own ``opt_state``, or
     # ``nnx.state(grads)``) are read through their values; the updates are given back the gradients' structure.
-    state = _without_variables(state)
-    grads = _without_variables(updates)
+    state = without_variables(state)
+    grads = without_variables(updates)
     m = state.mask
     validate(m, grads, check_indices=False)
     compact_updates = compact.gather(grads, m)
-    compact_params = None if params is None else compact.gather(_without_variables(params), m)
+    compact_params = None if params is None else compact.gather(without_variables(params), m)
     compact_updates, inner_state = inner.update(compact_updates, state.inner_state, compact_params, **extra_args)
     dense = compact.scatter(compact_updates, m, grads)
     if grads is not updates:
@@ -228,4 +233,4 @@ def mask_of(opt_state: optax.OptState) -> Any:
         f"the optimizer state holds {len(found)} spra.masked states; take the mask from the one you mean, "
         "e.g. state[i].mask."
     )
-  return _without_variables(found[0].mask)
+  return without_variables(found[0].mask)
