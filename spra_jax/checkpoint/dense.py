@@ -211,7 +211,7 @@ def _records(final: Path, config: Mapping[str, Any]) -> list[dict[str, Any]]:
           and isinstance(r.get("shape"), list)
           and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in r["shape"])
           and isinstance(r.get("dtype"), str) and isinstance(r.get("sha256"), str)
-          and (r.get("array") is None or isinstance(r.get("array"), str)))
+          and "array" in r and (r["array"] is None or isinstance(r["array"], str)))
     if not ok:
       raise ValueError(f"adapter {final} is corrupted: row {i} of its leaf table is malformed ({r!r:.200}).")
     if r["path"] in seen:
