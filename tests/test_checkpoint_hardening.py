@@ -112,6 +112,17 @@ def test_lean_state_with_a_zero_entry_leaf_saves_restores_and_resumes_bit_identi
   _assert_trees_equal(lean.flush(state), reference)
 
 
+@pytest.mark.parametrize("encoding", ["int32", "gaps"])
+def test_adapters_with_zero_entry_leaves_round_trip_with_their_dtypes(tmp_path, encoding):
+  # 'z' is the only bfloat16 leaf and has no entries, so no stored array holds its dtype.
+  mask = {"w": LeafMask.sparse((8, 8), jnp.array([1, 5], jnp.int32)), "z": LeafMask.sparse((3,), jnp.zeros((0,), jnp.int32))}
+  delta = spra.SparseDelta(mask, {"w": jnp.array([1.5, -2.0]), "z": jnp.zeros((0,), jnp.bfloat16)})
+  loaded = spra.load_adapter(spra.save_adapter(tmp_path / "a", delta, index_encoding=encoding))
+  assert loaded.values["z"].dtype == jnp.bfloat16 and loaded.values["z"].shape == (0,)
+  assert loaded.mask["z"].kind == "sparse" and loaded.mask["z"].indices.dtype == jnp.int32
+  _assert_trees_equal(loaded, delta)
+
+
 def test_deleted_arrays_are_refused_before_orbax_sees_them(tmp_path):
   x = jnp.ones(4) + 1
   x.delete()
