@@ -48,6 +48,8 @@ import contextlib
 import math
 import operator
 import os
+import threading
+import time
 from collections.abc import Mapping
 from typing import Any, NamedTuple, Self
 
@@ -203,6 +205,15 @@ def _empty_like(x: jax.ShapeDtypeStruct) -> jax.Array:
   return jax.make_array_from_callback(x.shape, x.sharding, lambda index: host[index])
 
 
+def _join_new_threads(before: set[threading.Thread], timeout_s: float) -> None:
+  """Waits (at most ``timeout_s`` in all) for the checkpointing library's non-daemon threads not in ``before``."""
+  deadline = time.monotonic() + timeout_s
+  for t in threading.enumerate():
+    if t in before or t.daemon or t is threading.current_thread() or not type(t).__module__.startswith("orbax"):
+      continue
+    t.join(max(0.0, deadline - time.monotonic()))
+
+
 def _check_deleted(tree: Any) -> None:
   for key, x in ocp.tree.to_flat_dict(tree).items():
     if isinstance(x, jax.Array) and x.is_deleted():
@@ -353,11 +364,15 @@ class TrainCheckpointer:
     _check_deleted(tree)
     tree, meta[_EMPTY] = _without_empty(tree)
     args = ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta))
+    before = set(threading.enumerate())
     try:
       return self._manager.save(step, args=args, force=force)
     except BaseException:
-      # Orbax may have started background threads for this step (its directory, say); left running they keep the
-      # interpreter from exiting. Wait for them, then raise the error that stopped the save.
+      # Orbax starts a thread that creates the step's directory before it writes the arrays; when the write fails,
+      # nothing awaits that thread (the manager's wait_until_finished does not know it), and if the process exits
+      # while it runs, it dies on the closed executor and the interpreter never exits. Join the threads this save
+      # started, then raise the error that stopped it.
+      _join_new_threads(before, timeout_s=60.0)
       with contextlib.suppress(Exception):
         self._manager.wait_until_finished()
       raise
