@@ -273,6 +273,13 @@ def _dense_array_name(cfg, rng):
   return cfg
 
 
+def _wrapped_in_a_list(cfg, rng):
+  row = _row(cfg, rng)
+  field = rng.choice(sorted(row))
+  row[field] = [row[field]]
+  return cfg
+
+
 def _truncate(text, rng):
   return text[: rng.randrange(1, len(text) - 1)]
 
@@ -335,6 +342,7 @@ MUTATIONS = [
     ("gap width", (GAPS,), "cfg", _gaps_width),
     ("gap escapes", (GAPS,), "cfg", _gaps_escapes),
     ("blocks", (SPARSE, GAPS), "cfg", _blocks),
+    ("a row field wrapped in a list", ALL, "cfg", _wrapped_in_a_list),
 ]
 
 

@@ -362,7 +362,8 @@ def _is_count(x: Any) -> bool:
 def keypath_ok(kp: Any) -> bool:
   """Whether ``kp`` is a key path as :func:`keypath_json` writes it."""
   return isinstance(kp, list) and all(
-      isinstance(k, list) and len(k) == 2 and k[0] in _KEY_KINDS and isinstance(k[1], _KEY_KINDS[k[0]])
+      isinstance(k, list) and len(k) == 2 and isinstance(k[0], str) and k[0] in _KEY_KINDS
+      and isinstance(k[1], _KEY_KINDS[k[0]])
       and not isinstance(k[1], bool) for k in kp)
 
 
@@ -491,7 +492,7 @@ def check_sparse_table(final: Path, config: Mapping[str, Any]) -> None:
     if ok and r["kind"] == SPARSE:
       ok = r["k"] <= math.prod(r["shape"])
       if encoding == "gaps":
-        ok = ok and r.get("index_width") in WIDTH_DTYPES and _is_count(r.get("escapes"))
+        ok = ok and _is_count(r.get("index_width")) and r["index_width"] in WIDTH_DTYPES and _is_count(r.get("escapes"))
       blocks = r.get("blocks")
       if blocks is not None:
         ok = ok and (isinstance(blocks, list) and len(blocks) == len(r["shape"])
