@@ -584,3 +584,23 @@ def read_sparse(final: Path) -> tuple[dict[str, Any], list[Leaf]]:
   leaves = unpack_sparse(final, config, read_arrays(final, config["arrays"]))
   check_table(final, config)
   return config, leaves
+
+
+def check_template_paths(paths: list[str], stored: Any) -> None:
+  """Raises a ValueError naming the differences when a template's leaf paths are not the adapter's ``stored`` ones.
+
+  >>> check_template_paths(['a', 'b'], {'a': 0, 'c': 1})
+  Traceback (most recent call last):
+  ...
+  ValueError: the template tree does not match the adapter; it has leaves the adapter does not have: ['b']; adapter leaves it lacks: ['c'].
+  """
+  given = set(paths)
+  missing = [p for p in stored if p not in given]
+  extra = [p for p in paths if p not in stored]
+  if missing or extra:
+    detail = []
+    if extra:
+      detail.append(f"leaves the adapter does not have: {extra[:6]}")
+    if missing:
+      detail.append(f"adapter leaves it lacks: {missing[:6]}")
+    raise ValueError("the template tree does not match the adapter; it has " + "; ".join(detail) + ".")

@@ -234,15 +234,7 @@ def _structure(final: Path, leaves: list[_format.Leaf], like: Any) -> tuple[Any,
     like = like.mask
   flat, treedef = jax.tree_util.tree_flatten_with_path(like, is_leaf=is_leaf_mask)
   paths = [path_str(p) for p, _ in flat]
-  missing = [p for p in by_path if p not in set(paths)]
-  extra = [p for p in paths if p not in by_path]
-  if missing or extra:
-    detail = []
-    if extra:
-      detail.append(f"leaves the adapter does not have: {extra[:6]}")
-    if missing:
-      detail.append(f"adapter leaves it lacks: {missing[:6]}")
-    raise ValueError("the template tree does not match the adapter; it has " + "; ".join(detail) + ".")
+  _format.check_template_paths(paths, by_path)
   for path, (p, x) in zip(paths, flat):
     shape = x.shape if isinstance(x, LeafMask) else tuple(int(d) for d in np.shape(x))
     if shape != by_path[path].mask.shape:

@@ -247,15 +247,7 @@ def _match(final: Path, records: list[dict[str, Any]], like: Any) -> tuple[Any, 
   by_path = {r["path"]: i for i, r in enumerate(records)}
   flat, treedef = jax.tree_util.tree_flatten_with_path(like)
   paths = [path_str(p) for p, _ in flat]
-  missing = [p for p in by_path if p not in set(paths)]
-  extra = [p for p in paths if p not in by_path]
-  if missing or extra:
-    detail = []
-    if extra:
-      detail.append(f"leaves the adapter does not have: {extra[:6]}")
-    if missing:
-      detail.append(f"adapter leaves it lacks: {missing[:6]}")
-    raise ValueError("the template tree does not match the adapter; it has " + "; ".join(detail) + ".")
+  _format.check_template_paths(paths, by_path)
   shardings = []
   for path, (_, x) in zip(paths, flat):
     r = records[by_path[path]]
