@@ -197,20 +197,21 @@ def sample_mask(
   sparse leaf with no indices), and a ``UserWarning`` names it. Leaves with no
   entries at all are frozen silently.
 
-  ``min_per_leaf``: each eligible leaf's budget is raised, after the
-  distribution's allocation rule (any of them) has set it, to at least
-  ``min(min_per_leaf, leaf size)``; budgets above that are unchanged, so every
-  mask sampled without the minimum stays the same in the leaves it does not
-  raise. The total can therefore exceed ``density`` times the eligible entries
-  (with ``relative_to='model'``, the model's budget) by up to ``min_per_leaf``
-  per raised leaf. Structured distributions reach the minimum in whole lines
-  (rows, columns, tiles: :meth:`Distribution.min_budget`), so
-  ``min_per_leaf=1`` means at least one line. A random count (``bernoulli``)
-  that comes out below the minimum is topped up with entries chosen uniformly
-  from the rest of the leaf (so the count is ``max(draw, minimum)``, the entries
-  a uniform subset). A shard-local leaf of n blocks gets at least
-  ``ceil(minimum / n)`` entries per block (so at least one per block), hence at
-  least the minimum in total.
+  ``min_per_leaf``: after the distribution's allocation rule (any of them) has
+  set the budgets, each eligible leaf's budget is raised to at least that of
+  ``min(min_per_leaf, leaf size)`` entries (:meth:`Distribution.min_budget`).
+  Leaves already there keep their budget and their mask (the same indices as
+  without the minimum). The total can therefore exceed ``density`` times the
+  eligible entries (with ``relative_to='model'``, the model's budget): each
+  raised leaf adds up to its minimum. Structured distributions reach the
+  minimum in whole lines (the fewest rows, columns or tiles that hold it), so
+  ``min_per_leaf=1`` means one line. For ``bernoulli`` the budget is the
+  expected count, so a raised leaf draws each entry with probability
+  minimum / size, and a draw below the minimum is topped up with entries chosen
+  uniformly from the rest of the leaf (the count is then ``max(draw, minimum)``
+  and the entries a uniform subset of that size). A shard-local leaf of n
+  blocks gets at least ``ceil(minimum / n)`` entries per block: at least one per
+  block, and at least the minimum in total.
 
   Shard-local sampling: a leaf split into n blocks gets the same number of
   entries in every block, each block sampled by the distribution from

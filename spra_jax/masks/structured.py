@@ -55,7 +55,9 @@ class Rows(Distribution):
 
   A kernel ``[in, out]`` then trains every output weight of a few input
   features. The count is rounded to whole rows (at least one when the budget
-  is positive), so ``exact`` is False. 1-D leaves fall back to single entries.
+  is positive), so ``exact`` is False; ``sample_mask(..., min_per_leaf=m)``
+  gives a leaf the fewest whole rows that hold m entries. 1-D leaves fall back
+  to single entries.
 
   Example:
 
@@ -87,8 +89,8 @@ class Columns(Distribution):
   """Whole columns (entries sharing their last index), chosen uniformly.
 
   A kernel ``[in, out]`` then trains every input weight of a few output
-  units. Counts are rounded to whole columns; 1-D leaves fall back to single
-  entries.
+  units. Counts are rounded to whole columns (``min_per_leaf``: the fewest
+  that hold the minimum); 1-D leaves fall back to single entries.
 
   Example:
 
@@ -123,7 +125,9 @@ class Blocks(Distribution):
 
   Tiles align with a ``block[0] × block[1]`` grid, as a matmul kernel's tiles
   do; edge tiles are clipped. The count is rounded to whole tiles (at least
-  one when the budget is positive). 1-D leaves fall back to single entries.
+  one when the budget is positive; with ``min_per_leaf``, enough tiles to hold
+  the minimum even if they are all the clipped corner one's size). 1-D leaves
+  fall back to single entries.
 
   Args:
     density: see :class:`Distribution`.
