@@ -101,6 +101,7 @@ def masked(
     include: Pattern = None,
     exclude: Pattern = None,
     full: Pattern = None,
+    min_per_leaf: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
   """Trains only the entries of a sparse mask, with O(k) optimizer state.
 
@@ -131,6 +132,8 @@ def masked(
     include: regex(es) for the leaves that may be sparsified.
     exclude: regex(es) for leaves never sparsified.
     full: regex(es) for leaves that train every entry.
+    min_per_leaf: every eligible leaf trains at least ``min(min_per_leaf, leaf size)`` entries (with ``key``): a
+      small leaf whose budget rounds to 0 is otherwise frozen, with a warning; see :func:`spra.sample_mask`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -180,7 +183,7 @@ def masked(
       )
     m = mask
     if m is None:
-      m = sample_mask(key, params, dist, include=include, exclude=exclude, full=full)
+      m = sample_mask(key, params, dist, include=include, exclude=exclude, full=full, min_per_leaf=min_per_leaf)
     validate(m, params)
     return SparseMaskedState(mask=m, inner_state=inner.init(compact.gather(params, m)))
 
