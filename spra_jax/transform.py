@@ -36,6 +36,7 @@ import optax
 
 from spra_jax import compact
 from spra_jax.masks import Distribution, Pattern, resolve_distribution, sample_mask, validate
+from spra_jax.masks.sampling import check_min_per_leaf
 
 __all__ = ["SparseMaskedState", "masked", "mask_of"]
 
@@ -156,7 +157,9 @@ def masked(
     [(64, 2), (41,)]
   """
   inner = _as_extra_args_transform(inner)
-  sampling_args = {"density": density, "key": key, "distribution": distribution, "include": include, "exclude": exclude, "full": full}
+  check_min_per_leaf(min_per_leaf)  # at build time, like every other argument
+  sampling_args = {"density": density, "key": key, "distribution": distribution, "include": include,
+                   "exclude": exclude, "full": full, "min_per_leaf": min_per_leaf or None}
   if mask is not None:
     given = [name for name, v in sampling_args.items() if v is not None]
     if given:

@@ -209,3 +209,11 @@ def test_an_unknown_distribution_name_lists_the_available_ones():
     masks.get("top-k", 0.1)
   with pytest.raises(ValueError, match=r"a density is needed with distribution='rows': pass density=\.\.\."):
     spra.sample_mask(0, wb(), "rows")
+
+
+def test_masked_checks_min_per_leaf_when_built():
+  mask = spra.sample_mask(0, {"w": jnp.zeros((8, 8))}, density=0.5)
+  with pytest.raises(ValueError, match="got a mask and also min_per_leaf"):
+    spra.masked(optax.adam(1e-2), mask, min_per_leaf=1)
+  with pytest.raises(ValueError, match="min_per_leaf must be a non-negative int, got -1"):
+    spra.masked(optax.adam(1e-2), density=0.1, key=0, min_per_leaf=-1)
