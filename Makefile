@@ -44,7 +44,7 @@ study: $(STAMP)
 # about 12 minutes on 2 CPU cores, against about 17 in one process, which leaves a core idle while XLA compiles.
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -n 2 --dist loadfile
+	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 bench: $(STAMP)
 	$(PY) examples/benchmarks/mask_sampling.py

@@ -80,6 +80,7 @@ def take(x: jax.Array, m: LeafMask) -> jax.Array:
     >>> take(x, LeafMask.sparse((2, 4), jnp.array([4, 1, 3, 6], jnp.int32), blocks=(1, 2)))
     Array([4., 1., 3., 6.], dtype=float32)
   """
+  x = jnp.asarray(x)  # numpy arrays (and scalars) have no ``.at``; jnp.reshape keeps numpy as numpy
   if m.blocks is None:
     return jnp.reshape(x, (-1,)).at[m.indices].get(**INDEX_HINTS)
   rows = _to_blocks(x, m.blocks)
@@ -99,7 +100,8 @@ def put(x: jax.Array, m: LeafMask, values: jax.Array, *, add: bool = False) -> j
     Array([[0., 2., 0., 3.],
            [1., 0., 4., 0.]], dtype=float32)
   """
-  values = values.astype(x.dtype)
+  x = jnp.asarray(x)
+  values = jnp.asarray(values, x.dtype)
   if m.blocks is None:
     at = jnp.reshape(x, (-1,)).at[m.indices]
     return (at.add(values, **INDEX_HINTS) if add else at.set(values, **INDEX_HINTS)).reshape(m.shape)
@@ -143,8 +145,13 @@ def gather(tree: Any, mask: Any) -> Any:
   return map_leaves(_gather_leaf, mask, tree)
 
 
+def _dtype(x: Any) -> Any:
+  """The dtype of an array, ``ShapeDtypeStruct`` or array-like (a Python scalar or list)."""
+  return x.dtype if hasattr(x, "dtype") else jnp.result_type(x)
+
+
 def _scatter_leaf(m: LeafMask, v: Any, like: Any) -> Any:
-  dtype = like.dtype
+  dtype = _dtype(like)
   if m.kind == FROZEN:
     return jnp.zeros(m.shape, dtype)
   if m.kind == FULL:
@@ -155,19 +162,20 @@ def _scatter_leaf(m: LeafMask, v: Any, like: Any) -> Any:
 def scatter(compact: Any, mask: Any, like: Any) -> Any:
   """A dense tree that is ``compact`` on the mask and exactly zero elsewhere.
 
-  ``like`` gives each leaf's dtype (e.g. the incoming gradients).
+  ``like`` gives each leaf's dtype (e.g. the incoming gradients). Leaves may
+  be any array-like (numpy arrays, Python scalars); the result holds jax arrays.
   """
   return map_leaves(_scatter_leaf, mask, compact, like)
 
 
 def _scatter_add_leaf(m: LeafMask, x: Any, v: Any) -> Any:
   if m.kind == FROZEN:
-    return x
+    return jnp.asarray(x)
   if m.kind == FULL:
-    return (x + v).astype(x.dtype)
+    return jnp.asarray(x + v, _dtype(x))
   return put(x, m, v, add=True)
 
 
 def scatter_add(tree: Any, compact: Any, mask: Any) -> Any:
-  """``tree`` with ``compact`` added at the mask's entries (dtype of ``tree``)."""
+  """``tree`` with ``compact`` added at the mask's entries (dtype of ``tree``; jax arrays, for array-like leaves too)."""
   return map_leaves(_scatter_add_leaf, mask, tree, compact)

@@ -37,6 +37,22 @@ Example:
   True
   >>> sum(v.size for v in jax.tree.leaves(nnx.state(adapter, spra.nnx.DeltaValue)))
   8
+
+Without the adapter, :func:`spra.masked` is the transformation of a plain
+``nnx.Optimizer`` over the model's ``nnx.Param``: the gradients are dense (one
+per weight, as ``nnx.grad`` forms them), the optimizer state is O(k), and
+:func:`spra.mask_of` reads the mask from ``optimizer.opt_state``:
+
+  >>> model = nnx.Linear(8, 4, rngs=nnx.Rngs(0))
+  >>> optimizer = nnx.Optimizer(model, spra.masked(optax.adam(1e-2), density=0.25, key=0), wrt=nnx.Param)
+  >>> @nnx.jit
+  ... def dense_step(model, optimizer, x):
+  ...   loss, grads = nnx.value_and_grad(lambda m: (m(x) ** 2).mean())(model)
+  ...   optimizer.update(model, grads)
+  ...   return loss
+  >>> losses = [float(dense_step(model, optimizer, x)) for _ in range(5)]
+  >>> losses[-1] < losses[0], spra.num_trainable(spra.mask_of(optimizer.opt_state))
+  (True, 9)
 """
 
 from __future__ import annotations

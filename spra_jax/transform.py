@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import sys
 from typing import Any, NamedTuple
 
 import jax
@@ -35,6 +36,7 @@ import optax
 
 from spra_jax import compact
 from spra_jax.masks import Distribution, Pattern, resolve_distribution, sample_mask, validate
+from spra_jax.masks.sampling import check_min_per_leaf
 
 __all__ = ["SparseMaskedState", "masked", "mask_of"]
 
@@ -50,6 +52,36 @@ class SparseMaskedState(NamedTuple):
 
   mask: Any
   inner_state: optax.OptState
+
+
+def without_variables(tree: Any) -> Any:
+  """``tree`` with every Flax NNX ``Variable`` replaced by its value (``tree`` itself if it holds none).
+
+  >>> import jax.numpy as jnp
+  >>> tree = {'w': jnp.ones(2)}
+  >>> without_variables(tree) is tree
+  True
+
+  A mask sampled on ``nnx.state(model, nnx.Param)`` has a ``Param`` around each
+  ``LeafMask``. Kept in the state, such a Variable is what ``nnx.Optimizer``
+  sees as one optimizer-state leaf: it rewraps it whole and later writes the
+  flattened indices into it, and the mask's static part (kind, shape, blocks)
+  is lost. Without the Variables the state's only leaves are index arrays, and
+  any handler that maps over array leaves and rebuilds the tree keeps every
+  ``LeafMask`` intact. Flax is only consulted when already imported: a tree
+  can hold no Variable otherwise.
+  """
+  nnx = sys.modules.get("flax.nnx")
+  variable = getattr(nnx, "Variable", None)
+  if variable is None:
+    return tree
+
+  def is_variable(x: Any) -> bool:
+    return isinstance(x, variable)
+
+  if not any(is_variable(x) for x in jax.tree.leaves(tree, is_leaf=is_variable)):
+    return tree
+  return nnx.as_pure(tree)
 
 
 def _as_extra_args_transform(inner: Any) -> optax.GradientTransformationExtraArgs:
@@ -70,6 +102,7 @@ def masked(
     include: Pattern = None,
     exclude: Pattern = None,
     full: Pattern = None,
+    min_per_leaf: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
   """Trains only the entries of a sparse mask, with O(k) optimizer state.
 
@@ -77,6 +110,13 @@ def masked(
   with a ``density`` or ``distribution``, and ``init`` samples the mask from the
   parameters (which may be ``jax.ShapeDtypeStruct``) with
   ``sample_mask(key, params, distribution, include=..., exclude=..., full=...)``.
+  Parameters may be any arrays optax accepts (numpy arrays and Python scalars
+  included).
+
+  It works as the transformation of ``nnx.Optimizer(model, tx, wrt=nnx.Param)``:
+  Flax NNX ``Variable`` wrappers in the parameters, gradients or mask are
+  dropped in the state (its mask and inner state hold plain arrays), and the
+  updates come back in the structure of the gradients given.
 
   Updates are exactly zero outside the mask. Anything that should see only the
   trained entries belongs *inside* the wrapper: ``optax.clip_by_global_norm``
@@ -93,6 +133,8 @@ def masked(
     include: regex(es) for the leaves that may be sparsified.
     exclude: regex(es) for leaves never sparsified.
     full: regex(es) for leaves that train every entry.
+    min_per_leaf: every eligible leaf trains at least ``min(min_per_leaf, leaf size)`` entries (with ``key``): a
+      small leaf whose budget rounds to 0 is otherwise frozen, with a warning; see :func:`spra.sample_mask`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -115,13 +157,16 @@ def masked(
     [(64, 2), (41,)]
   """
   inner = _as_extra_args_transform(inner)
-  sampling_args = {"density": density, "key": key, "distribution": distribution, "include": include, "exclude": exclude, "full": full}
+  check_min_per_leaf(min_per_leaf)  # at build time, like every other argument
+  sampling_args = {"density": density, "key": key, "distribution": distribution, "include": include,
+                   "exclude": exclude, "full": full, "min_per_leaf": min_per_leaf or None}
   if mask is not None:
     given = [name for name, v in sampling_args.items() if v is not None]
     if given:
       raise ValueError(
           f"masked() got a mask and also {', '.join(given)}; these sample a mask at init. Give one or the other."
       )
+    mask = without_variables(mask)  # e.g. sampled on nnx.state(model, nnx.Param): a Param around each LeafMask
     dist = None
   else:
     if key is None:
@@ -132,6 +177,7 @@ def masked(
     dist = resolve_distribution(distribution, density)
 
   def init_fn(params):
+    params = without_variables(params)  # NNX Variables stay out of the optimizer state; see without_variables
     if type(params).__name__ == "_ParamsPlaceholder":
       raise TypeError(
           "spra.masked's state is compact (k entries per leaf), not shaped like the parameters, so "
@@ -140,17 +186,24 @@ def masked(
       )
     m = mask
     if m is None:
-      m = sample_mask(key, params, dist, include=include, exclude=exclude, full=full)
+      m = sample_mask(key, params, dist, include=include, exclude=exclude, full=full, min_per_leaf=min_per_leaf)
     validate(m, params)
     return SparseMaskedState(mask=m, inner_state=inner.init(compact.gather(params, m)))
 
   def update_fn(updates, state, params=None, **extra_args):
+    # A state or gradients that still hold NNX Variables (e.g. ``nnx.Optimizer``'s own ``opt_state``, or
+    # ``nnx.state(grads)``) are read through their values; the updates are given back the gradients' structure.
+    state = without_variables(state)
+    grads = without_variables(updates)
     m = state.mask
-    validate(m, updates, check_indices=False)
-    compact_updates = compact.gather(updates, m)
-    compact_params = None if params is None else compact.gather(params, m)
+    validate(m, grads, check_indices=False)
+    compact_updates = compact.gather(grads, m)
+    compact_params = None if params is None else compact.gather(without_variables(params), m)
     compact_updates, inner_state = inner.update(compact_updates, state.inner_state, compact_params, **extra_args)
-    return compact.scatter(compact_updates, m, updates), SparseMaskedState(mask=m, inner_state=inner_state)
+    dense = compact.scatter(compact_updates, m, grads)
+    if grads is not updates:
+      dense = jax.tree.structure(updates).unflatten(jax.tree.leaves(dense))
+    return dense, SparseMaskedState(mask=m, inner_state=inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -159,7 +212,8 @@ def mask_of(opt_state: optax.OptState) -> Any:
   """The mask inside an optimizer state built by :func:`masked`.
 
   The state may be nested in other states (``optax.chain``,
-  ``optax.inject_hyperparams``, ``optax.apply_if_finite``, ...).
+  ``optax.inject_hyperparams``, ``optax.apply_if_finite``, ...), or be the
+  ``opt_state`` of an ``nnx.Optimizer`` (its Variables are read through).
 
   Raises:
     ValueError: if the state holds no :class:`SparseMaskedState`, or several.
@@ -185,4 +239,4 @@ def mask_of(opt_state: optax.OptState) -> Any:
         f"the optimizer state holds {len(found)} spra.masked states; take the mask from the one you mean, "
         "e.g. state[i].mask."
     )
-  return found[0].mask
+  return without_variables(found[0].mask)

@@ -1,5 +1,6 @@
 """Mask sampling: counts, uniformity, determinism, independence, filters, errors."""
 
+import contextlib
 import itertools
 import math
 import subprocess
@@ -35,11 +36,15 @@ def assert_valid_indices(m: LeafMask):
 @pytest.mark.parametrize("density", [0.001, 0.01, 0.1, 0.3, 0.9, 1.0])
 def test_uniform_gives_exact_count_per_leaf(density):
   params = {"a": jnp.zeros((300, 200)), "b": jnp.zeros((7, 11, 13)), "c": jnp.zeros(50)}
-  mask = spra.sample_mask(jax.random.key(3), params, spra.masks.uniform(density))
+  # At 0.001, 'c' gets round(0.05) = 0 entries: it is frozen, with a warning.
+  with pytest.warns(UserWarning, match=r"'c' \(50 entries\)") if density == 0.001 else contextlib.nullcontext():
+    mask = spra.sample_mask(jax.random.key(3), params, spra.masks.uniform(density))
   for path, m in leaf_masks(mask).items():
-    assert m.kind == masks.SPARSE
-    assert m.num_trainable == math.floor(density * m.size + 0.5), path
-    assert_valid_indices(m)
+    k = math.floor(density * m.size + 0.5)
+    assert m.kind == (masks.SPARSE if k else masks.FROZEN)
+    assert m.num_trainable == k, path
+    if k:
+      assert_valid_indices(m)
 
 
 def test_uniform_covers_sparse_and_dense_regimes_and_the_fallback(monkeypatch):
@@ -233,8 +238,9 @@ def test_mapping_allocation_sets_per_leaf_densities(params):
 def test_callable_allocation_and_its_errors():
   params = {"a": jnp.zeros(100), "b": jnp.zeros(100)}
   first_only = lambda paths, sizes, total: [total if p == "a" else 0 for p in paths]
-  mask = spra.sample_mask(0, params, spra.masks.uniform(0.1, allocation=first_only))
-  assert mask["a"].num_trainable == 20 and mask["b"].num_trainable == 0
+  with pytest.warns(UserWarning, match="'b' \\(100 entries\\)"):  # a budget of 0 freezes the leaf
+    mask = spra.sample_mask(0, params, spra.masks.uniform(0.1, allocation=first_only))
+  assert mask["a"].num_trainable == 20 and mask["b"].num_trainable == 0 and mask["b"].kind == masks.FROZEN
   with pytest.raises(ValueError, match="'a' a budget of 500"):
     spra.sample_mask(0, params, spra.masks.uniform(0.1, allocation=lambda p, s, t: [500, 0]))
 

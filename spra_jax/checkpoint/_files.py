@@ -11,9 +11,13 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import hashlib
 import json
 import os
+import re
 import shutil
+import socket
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,10 +35,28 @@ def absolute(directory: str | os.PathLike) -> Path:
   return Path(os.path.abspath(os.fspath(directory)))
 
 
+# A staging sibling's name says who owns it, ``.<name>.tmp-<host>-<pid>-<random>``, so that a later save can tell the
+# staging directory of a killed save (its process is gone) from that of a save still running in another process.
+# <host> is a short hash of the host name: on a file system shared by several machines a pid means nothing on another
+# host, so only this host's entries are judged by their pid.
+_STAGING_TAG = "tmp"
+# Staging siblings whose owner cannot be checked (another host's, or those of versions before the owner was named) are
+# removed once they are this old: no adapter save runs for a day.
+STALE_AFTER_S = 24 * 3600
+
+
+def _host_tag() -> str:
+  return hashlib.blake2b(socket.gethostname().encode(), digest_size=4).hexdigest()
+
+
+def _staging_name(final: Path, tag: str) -> str:
+  return f".{final.name}.{tag}-{_host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
 def temporary_sibling(final: Path, tag: str) -> Path:
-  """A fresh hidden directory next to ``final`` (same file system, so renames are atomic)."""
+  """A fresh hidden directory next to ``final`` (same file system, so renames are atomic), named by its owner."""
   final.parent.mkdir(parents=True, exist_ok=True)
-  tmp = final.parent / f".{final.name}.{tag}-{uuid.uuid4().hex[:12]}"
+  tmp = final.parent / _staging_name(final, tag)
   tmp.mkdir()
   return tmp
 
@@ -138,7 +160,67 @@ def publish(tmp: Path, final: Path, *, overwrite: bool) -> None:
 def temporary_file(final: Path, tag: str) -> Path:
   """A fresh, not yet existing hidden file name next to ``final`` (same file system, so renames are atomic)."""
   final.parent.mkdir(parents=True, exist_ok=True)
-  return final.parent / f".{final.name}.{tag}-{uuid.uuid4().hex[:12]}"
+  return final.parent / _staging_name(final, tag)
+
+
+def _pid_alive(pid: int) -> bool:
+  """Whether a process ``pid`` exists on this host (one of another user counts: it may be saving)."""
+  if pid <= 0:
+    return True  # not a pid this module writes; never judged dead
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except (PermissionError, OverflowError, OSError):
+    return True
+  return True
+
+
+def _stale(entry: Path, final: Path) -> bool:
+  """Whether ``entry`` is the staging sibling of ``final`` of a save that can no longer finish."""
+  name = re.escape(final.name)
+  owned = re.fullmatch(rf"\.{name}\.{_STAGING_TAG}-([0-9a-f]{{8}})-(\d+)-[0-9a-f]{{12}}", entry.name)
+  if owned and owned.group(1) == _host_tag():
+    # A pid that was reused since keeps its entry until that process is gone too: the safe side.
+    return not _pid_alive(int(owned.group(2)))
+  if owned or re.fullmatch(rf"\.{name}\.{_STAGING_TAG}-[0-9a-f]{{12}}", entry.name):
+    try:
+      return time.time() - entry.lstat().st_mtime > STALE_AFTER_S
+    except OSError:
+      return False
+  return False
+
+
+def remove_stale_staging(final: Path) -> list[Path]:
+  """Removes the staging siblings of ``final`` that killed saves left behind; returns what it removed.
+
+  An entry is stale when it names this host and a process that no longer
+  exists (the staging names carry both, see :func:`temporary_sibling`); one of
+  another host, or of an older unnamed kind, only when it is older than
+  :data:`STALE_AFTER_S`. A save still running in a live process keeps its
+  entry. ``.<name>.replaced-*`` siblings are never touched: after a crash in
+  the middle of a replace they may hold the only complete copy.
+
+  Example:
+
+    >>> import tempfile
+    >>> final = Path(tempfile.mkdtemp()) / 'out'
+    >>> (final.parent / '.out.tmp-00000000-1-000000000000').mkdir()  # a foreign host's, fresh: kept
+    >>> remove_stale_staging(final), len(leftovers(final))
+    ([], 1)
+  """
+  if not final.parent.is_dir():
+    return []
+  removed = []
+  for entry in leftovers(final):
+    if _stale(entry, final):
+      if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry, ignore_errors=True)
+      else:
+        with contextlib.suppress(OSError):
+          entry.unlink()
+      removed.append(entry)
+  return removed
 
 
 @contextlib.contextmanager
@@ -149,7 +231,8 @@ def atomic_output(final: Path, *, overwrite: bool, directory: bool = True) -> It
   ``.<name>.tmp-*``; with ``directory=False`` it is a file name that the block
   creates. When the block raises (a ``KeyboardInterrupt`` included) the sibling
   is removed and ``final`` is untouched; only a killed process leaves it behind
-  (see :func:`leftovers`).
+  (see :func:`leftovers`), and the next ``atomic_output`` to the same ``final``
+  removes it (see :func:`remove_stale_staging`).
 
   IMPORTANT: whatever the block writes must be complete when it ends (wait for
   asynchronous writers, e.g. Orbax's ``wait_until_finished``; :func:`write_json`
@@ -169,7 +252,8 @@ def atomic_output(final: Path, *, overwrite: bool, directory: bool = True) -> It
     >>> (final / 'a.json').read_text().split()
     ['{', '"x":', '2', '}']
   """
-  tmp = temporary_sibling(final, "tmp") if directory else temporary_file(final, "tmp")
+  remove_stale_staging(final)
+  tmp = temporary_sibling(final, _STAGING_TAG) if directory else temporary_file(final, _STAGING_TAG)
   try:
     yield tmp
     fsync_path(tmp)

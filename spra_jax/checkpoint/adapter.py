@@ -18,10 +18,12 @@ releases, so a seed alone cannot rebuild a mask.
 IMPORTANT, what holds:
 
 * a save writes into a hidden sibling directory and renames it into place only
-  when complete, so an interrupted save never touches the previous adapter (it
-  leaves a ``.<name>.tmp-*`` directory to delete);
-* loading checks every array's checksum and the leaf table, so a truncated or
-  corrupted adapter raises instead of loading wrong numbers;
+  when complete, so an interrupted save never touches the previous adapter (a
+  killed one leaves a ``.<name>.tmp-*`` directory, which the next save to the
+  same destination removes once the process that made it is gone);
+* loading checks every array's checksum, the leaf table against the arrays and
+  the table's own checksum (``table_sha256``), so a truncated, corrupted or
+  edited adapter raises a ValueError instead of loading wrong numbers;
 * loading with the weights of another model (``base_params``) raises a
   fingerprint mismatch naming the first leaf that differs.
 
@@ -122,9 +124,16 @@ def save_adapter(
     ValueError: an unknown ``index_encoding``, or ``base_params`` that do not
       fit the mask.
 
+  Warns:
+    UserWarning: the delta holds NaN or inf values (the message names the
+      leaves and counts them); they are saved as they are.
+
   IMPORTANT: the adapter is written into a hidden sibling of ``directory`` and
   renamed into place only when complete. An interrupted save leaves the previous
-  adapter (if any) untouched, plus a ``.<name>.tmp-*`` directory to delete.
+  adapter (if any) untouched; a killed one also leaves its hidden
+  ``.<name>.tmp-<host>-<pid>-*`` sibling, which the next save to ``directory``
+  removes when no process of that pid is alive on this host (a save still
+  running elsewhere keeps its own).
 
   Example:
 
@@ -159,7 +168,8 @@ def save_adapter(
   if base_fingerprint is not None:
     fingerprint = {"algorithm": _fingerprint.FINGERPRINT_ALGORITHM, "leaves": dict(base_fingerprint)}
 
-  leaves, arrays = _format.pack_sparse(flat, values, index_encoding)
+  leaves, arrays, named = _format.pack_sparse(flat, values, index_encoding)
+  _format.nonfinite_warning("save_adapter: the delta", named, stacklevel=2)
 
   config = {
       "format": FORMAT,
@@ -175,6 +185,7 @@ def save_adapter(
       "base_fingerprint": fingerprint,
       "metadata": meta,
   }
+  config[_format.TABLE_DIGEST] = _format.table_digest(config)
 
   with _files.atomic_output(final, overwrite=overwrite) as tmp:
     with ocp.StandardCheckpointer() as ckptr:
@@ -213,26 +224,17 @@ def load_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
   return _format.read_config(_files.absolute(directory))
 
 
-def _structure(leaves: list[_format.Leaf], like: Any) -> tuple[Any, list[_format.Leaf]]:
+def _structure(final: Path, leaves: list[_format.Leaf], like: Any) -> tuple[Any, list[_format.Leaf]]:
   """A treedef for the adapter's leaves: ``like``'s, or nested dicts/lists rebuilt from the key paths."""
   by_path = {leaf.record["path"]: leaf for leaf in leaves}
   if like is None:
-    ids = _format.rebuild_tree([(leaf.record["keypath"], i) for i, leaf in enumerate(leaves)])
-    order, treedef = jax.tree.flatten(ids)
+    order, treedef = _format.rebuild_checked(final, [leaf.record["keypath"] for leaf in leaves])
     return treedef, [leaves[i] for i in order]
   if isinstance(like, SparseDelta):
     like = like.mask
   flat, treedef = jax.tree_util.tree_flatten_with_path(like, is_leaf=is_leaf_mask)
   paths = [path_str(p) for p, _ in flat]
-  missing = [p for p in by_path if p not in set(paths)]
-  extra = [p for p in paths if p not in by_path]
-  if missing or extra:
-    detail = []
-    if extra:
-      detail.append(f"leaves the adapter does not have: {extra[:6]}")
-    if missing:
-      detail.append(f"adapter leaves it lacks: {missing[:6]}")
-    raise ValueError("the template tree does not match the adapter; it has " + "; ".join(detail) + ".")
+  _format.check_template_paths(paths, by_path)
   for path, (p, x) in zip(paths, flat):
     shape = x.shape if isinstance(x, LeafMask) else tuple(int(d) for d in np.shape(x))
     if shape != by_path[path].mask.shape:
@@ -318,7 +320,7 @@ def load_adapter(
   """
   final = _files.absolute(directory)
   config, leaves = _format.read_sparse(final)
-  treedef, ordered = _structure(leaves, like if like is not None else base_params)
+  treedef, ordered = _structure(final, leaves, like if like is not None else base_params)
   host_mask = treedef.unflatten([leaf.mask for leaf in ordered])
   host_values = treedef.unflatten([leaf.values for leaf in ordered])
   if base_params is not None:

@@ -23,10 +23,13 @@ IMPORTANT, what holds (as for sparse adapters):
   one rename when complete (an existing adapter is refused unless
   ``overwrite=True``, and then swapped atomically), so a reader sees the old or
   the new adapter, never a mix, and a failed save leaves nothing behind (a
-  killed one leaves the hidden sibling, never a partial adapter);
+  killed one leaves the hidden sibling, never a partial adapter; the next save
+  to the same destination removes it once its process is gone);
 * loading checks the format and version, every array's checksum, dtype and
-  shape, and a ``like`` template's paths, shapes and dtypes, so a truncated,
-  corrupted or foreign directory raises instead of loading wrong numbers;
+  shape, the leaf table's own checksum (``table_sha256``, so that two swapped
+  paths or an edited shape are caught), and a ``like`` template's paths, shapes
+  and dtypes, so a truncated, corrupted, edited or foreign directory raises
+  instead of loading wrong numbers;
 * a sparse adapter given to :func:`load_dense_adapter`, or a dense one given to
   :func:`~spra_jax.load_adapter`, raises a ``ValueError`` that names the loader
   to use.
@@ -120,10 +123,15 @@ def save_dense_adapter(
     ValueError: an empty tree, two leaves with the same path, or an array
       sharded over several processes.
 
+  Warns:
+    UserWarning: a leaf holds NaN or inf values (the message names it); they
+      are saved as they are.
+
   IMPORTANT: the adapter is written into a hidden sibling of ``directory`` and
   renamed into place only when complete. A save that fails removes its sibling
   and leaves the previous adapter (if any) untouched; a killed one leaves a
-  ``.<name>.tmp-*`` directory to delete.
+  ``.<name>.tmp-*`` directory, which the next save to ``directory`` removes
+  once no process of its pid is alive on this host.
 
   Example:
 
@@ -151,7 +159,7 @@ def save_dense_adapter(
   flat = jax.tree_util.tree_flatten_with_path(variables)[0]
   if not flat:
     raise ValueError("variables holds no array; there is nothing to save.")
-  leaves, arrays, seen = [], {}, set()
+  leaves, arrays, seen, named = [], {}, set(), []
   for p, x in flat:
     path = path_str(p)
     if path in seen:
@@ -159,6 +167,7 @@ def save_dense_adapter(
       raise ValueError(f"two leaves of variables have the path {path!r} (e.g. the keys 0 and '0'); rename one.")
     seen.add(path)
     host = _host_leaf(path, x)
+    named.append((path, host))
     record = {"path": path, "keypath": _format.keypath_json(p), "shape": list(host.shape), "dtype": host.dtype.name,
               "array": None, "sha256": _format.checksum(host)}
     if host.size:  # Orbax refuses zero-size arrays; the table alone rebuilds them.
@@ -175,6 +184,8 @@ def save_dense_adapter(
       "leaves": leaves,
       "metadata": meta,
   }
+  config[_format.TABLE_DIGEST] = _format.table_digest(config)
+  _format.nonfinite_warning("save_dense_adapter: variables", named, stacklevel=2)
   with _files.atomic_output(final, overwrite=overwrite) as tmp:
     if arrays:
       with ocp.StandardCheckpointer() as ckptr:
@@ -196,10 +207,11 @@ def _records(final: Path, config: Mapping[str, Any]) -> list[dict[str, Any]]:
     raise ValueError(f"adapter {final} is corrupted: its leaf table is empty or not a list.")
   seen, names = set(), set()
   for i, r in enumerate(table):
-    ok = (isinstance(r, dict) and isinstance(r.get("path"), str) and isinstance(r.get("keypath"), list)
-          and isinstance(r.get("shape"), list) and all(isinstance(d, int) and d >= 0 for d in r["shape"])
+    ok = (isinstance(r, dict) and isinstance(r.get("path"), str) and _format.keypath_ok(r.get("keypath"))
+          and isinstance(r.get("shape"), list)
+          and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in r["shape"])
           and isinstance(r.get("dtype"), str) and isinstance(r.get("sha256"), str)
-          and (r.get("array") is None or isinstance(r.get("array"), str)))
+          and "array" in r and (r["array"] is None or isinstance(r["array"], str)))
     if not ok:
       raise ValueError(f"adapter {final} is corrupted: row {i} of its leaf table is malformed ({r!r:.200}).")
     if r["path"] in seen:
@@ -220,9 +232,11 @@ def _empty(final: Path, record: Mapping[str, Any]) -> np.ndarray:
   """A zero-size leaf, rebuilt from its table row and checked like the stored ones."""
   try:
     dtype = np.dtype(jnp.dtype(record["dtype"]))
-  except TypeError:
+  except (TypeError, ValueError):
     raise ValueError(f"adapter {final} is corrupted: leaf {record['path']!r} has dtype {record['dtype']!r}.") from None
   a = np.zeros(record["shape"], dtype)
+  if a.size:  # _records pairs a missing array with an empty shape; checked again for what reaches here
+    raise ValueError(f"adapter {final} is corrupted: leaf {record['path']!r} of shape {record['shape']} has no array.")
   if _format.checksum(a) != record["sha256"]:
     raise ValueError(f"adapter {final} is corrupted: array {record['path']!r} does not match its checksum.")
   return a
@@ -233,15 +247,7 @@ def _match(final: Path, records: list[dict[str, Any]], like: Any) -> tuple[Any, 
   by_path = {r["path"]: i for i, r in enumerate(records)}
   flat, treedef = jax.tree_util.tree_flatten_with_path(like)
   paths = [path_str(p) for p, _ in flat]
-  missing = [p for p in by_path if p not in set(paths)]
-  extra = [p for p in paths if p not in by_path]
-  if missing or extra:
-    detail = []
-    if extra:
-      detail.append(f"leaves the adapter does not have: {extra[:6]}")
-    if missing:
-      detail.append(f"adapter leaves it lacks: {missing[:6]}")
-    raise ValueError("the template tree does not match the adapter; it has " + "; ".join(detail) + ".")
+  _format.check_template_paths(paths, by_path)
   shardings = []
   for path, (_, x) in zip(paths, flat):
     r = records[by_path[path]]
@@ -303,9 +309,10 @@ def load_dense_adapter(directory: str | os.PathLike, *, like: Any = None) -> tup
            for r in records if r["array"] is not None}
   arrays = _format.read_arrays(final, specs) if specs else {}
   hosts = [arrays[r["array"]] if r["array"] is not None else _empty(final, r) for r in records]
+  # Last, as the specific checks above say more: the table's digest catches edits that pass them (a path swap).
+  _format.check_table(final, config)
   if like is None:
-    ids = _format.rebuild_tree([(r["keypath"], i) for i, r in enumerate(records)])
-    order, treedef = jax.tree.flatten(ids)
+    order, treedef = _format.rebuild_checked(final, [r["keypath"] for r in records])
     shardings = [None] * len(order)
   else:
     treedef, order, shardings = _match(final, records, like)

@@ -124,7 +124,12 @@ def check_base(config: Mapping[str, Any], base_params: Any, mask: Any) -> None:
     ...
     ValueError: base_params do not match the adapter's base model 'toy': leaf 'w' differs at the adapter's 1 entries ...
   """
-  stored = (config.get("base_fingerprint") or {}).get("leaves")
+  recorded = config.get("base_fingerprint")
+  stored = recorded.get("leaves") if isinstance(recorded, Mapping) else None
+  if (recorded is not None and not isinstance(recorded, Mapping)) or not (
+      stored is None or (isinstance(stored, Mapping) and all(isinstance(e, Mapping) for e in stored.values()))):
+    raise ValueError(
+        f"the adapter's base_fingerprint is malformed ({recorded!r:.200}); its config was edited or damaged.")
   params = _flat_params(base_params)
   name = config.get("base_model")
   what = f"the adapter's base model {name!r}" if name else "the adapter's base model"
@@ -144,7 +149,9 @@ def check_base(config: Mapping[str, Any], base_params: Any, mask: Any) -> None:
   current = base_fingerprint(base_params, mask)
   for path, entry in stored.items():
     if "hash" in entry and current.get(path, {}).get("hash") != entry["hash"]:
+      k = entry.get("k")
       raise ValueError(
-          f"base_params do not match {what}: leaf {path!r} differs at the adapter's {entry['k']:,} entries "
+          f"base_params do not match {what}: leaf {path!r} differs at the adapter's "
+          f"{f'{k:,}' if isinstance(k, int) else 'stored'} entries "
           f"(fingerprint {current.get(path, {}).get('hash')} != {entry['hash']})."
       )

@@ -19,6 +19,11 @@ it when complete, so a run killed at any moment (even by SIGKILL) leaves the
 previous checkpoints intact, and ``restore`` of the latest step continues with
 bit-identical numbers.
 
+Zero-size arrays (the mask indices, compact values and optimizer moments of a
+sparse leaf that got no entries) are stored as their shape and dtype in the
+checkpoint's JSON, as Orbax refuses to write them, and made again on restore;
+such states save, restore and resume like any other.
+
 Example:
 
   >>> import tempfile, jax, jax.numpy as jnp, optax
@@ -39,7 +44,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import math
+import operator
 import os
+import threading
+import time
 from collections.abc import Mapping
 from typing import Any, NamedTuple, Self
 
@@ -50,7 +60,7 @@ import orbax.checkpoint as ocp
 
 from spra_jax import compact
 from spra_jax._version import __version__
-from spra_jax.checkpoint import _files
+from spra_jax.checkpoint import _files, _format
 from spra_jax.lean import LeanState
 from spra_jax.masks import FROZEN, FULL, LeafMask, validate
 
@@ -166,6 +176,52 @@ def _abstract(x: Any, sharding: Any = None) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
 
 
+# The JSON entry listing the zero-size arrays of a checkpoint (Orbax refuses to write them; see the module docstring).
+_EMPTY = "empty_arrays"
+
+
+def _label(key: tuple[str, ...]) -> str:
+  """A stored leaf's name in messages: its path under the saved tree, e.g. ``opt_state/inner_state/0/mu/w``."""
+  return "/".join(key[1:] if key and key[0] == "state" else key)
+
+
+def _is_empty(x: Any) -> bool:
+  shape = getattr(x, "shape", None)
+  return shape is not None and math.prod(shape) == 0
+
+
+def _without_empty(tree: Any) -> tuple[Any, list[dict[str, Any]]]:
+  """``tree`` with its zero-size leaves replaced by None (an empty node, which Orbax stores), and their records."""
+  records = [{"path": list(key), "shape": [int(d) for d in x.shape], "dtype": np.dtype(x.dtype).name}
+             for key, x in ocp.tree.to_flat_dict(tree).items() if _is_empty(x)]
+  return jax.tree.map(lambda x: None if _is_empty(x) else x, tree), records
+
+
+def _empty_like(x: jax.ShapeDtypeStruct) -> jax.Array:
+  """A zero-size array of ``x``'s shape and dtype, placed by its sharding where it has one."""
+  if x.sharding is None:
+    return jnp.zeros(x.shape, x.dtype)
+  host = np.zeros(x.shape, x.dtype)
+  return jax.make_array_from_callback(x.shape, x.sharding, lambda index: host[index])
+
+
+def _join_new_threads(before: set[threading.Thread], timeout_s: float) -> None:
+  """Waits (at most ``timeout_s`` in all) for the checkpointing library's non-daemon threads not in ``before``."""
+  deadline = time.monotonic() + timeout_s
+  for t in threading.enumerate():
+    if t in before or t.daemon or t is threading.current_thread() or not type(t).__module__.startswith("orbax"):
+      continue
+    t.join(max(0.0, deadline - time.monotonic()))
+
+
+def _check_deleted(tree: Any) -> None:
+  for key, x in ocp.tree.to_flat_dict(tree).items():
+    if isinstance(x, jax.Array) and x.is_deleted():
+      raise ValueError(
+          f"state leaf {_label(key)!r} has been deleted (donated to a jitted step?); save the state the step "
+          f"returned, not the one given to it.")
+
+
 class TrainCheckpointer:
   """Asynchronous, retained, resumable training checkpoints in one directory.
 
@@ -209,7 +265,9 @@ class TrainCheckpointer:
         enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True,
     )
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    # The handlers named up front, so that a fresh process can read a step's metadata before restoring it.
+    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   # -- queries --------------------------------------------------------------
 
@@ -254,16 +312,48 @@ class TrainCheckpointer:
       force: save even if ``step`` is not a multiple of ``save_interval_steps``.
 
     Returns:
-      False if the step was skipped by ``save_interval_steps``.
+      True if the save started. False only where ``save_interval_steps``
+      skips ``step`` (a step that is not a multiple of it, without ``force``;
+      the first save of a directory always saves): that is a policy the
+      caller chose, so it is not an error.
+
+    Raises:
+      TypeError: ``step`` is not an int, or ``metadata`` / ``data_position``
+        hold a value with no JSON form (the message names it); raised before
+        anything is written.
+      ValueError: ``step`` is negative, already saved, or older than the
+        latest checkpoint (checkpoints are written in increasing step order;
+        Orbax would skip such a step without a word), or ``state`` holds an
+        array that was deleted (donated).
 
     The arrays are copied to the host before ``save`` returns, so the caller
-    may donate or overwrite ``state`` right away.
+    may donate or overwrite ``state`` right away. A save that fails inside
+    Orbax waits for Orbax's background work before it raises, so the
+    checkpointer stays usable and the process can exit.
     """
-    step = int(step)
+    if isinstance(step, bool):
+      raise TypeError(f"step must be an int, got {step!r}.")
+    try:
+      step = operator.index(step)
+    except TypeError:
+      raise TypeError(f"step must be an int, got {type(step).__name__} {step!r}.") from None
+    if step < 0:
+      raise ValueError(f"step must be a non-negative int, got {step}.")
+    steps = self.all_steps()
+    if step in steps:
+      raise ValueError(
+          f"checkpoint step {step} already exists in {self.directory} (it has steps {steps}); save a later step.")
+    if steps and step < steps[-1]:
+      raise ValueError(
+          f"step {step} is older than the latest checkpoint, step {steps[-1]}, in {self.directory} (it has steps "
+          f"{steps}); checkpoints are saved in increasing step order. Resume from the latest one, or start the run "
+          f"over in a new directory.")
+    if metadata is not None and not isinstance(metadata, Mapping):
+      raise TypeError(f"metadata must be a dict of JSON values, got {type(metadata).__name__}.")
     meta = {
         "library_version": __version__,
-        "data_position": data_position,
-        "metadata": dict(metadata or {}),
+        "data_position": _format.jsonable(data_position, "data_position"),
+        "metadata": _format.jsonable(dict(metadata or {}), "metadata"),
         "rng": None,
     }
     tree = {"state": _storable(state)}
@@ -271,12 +361,21 @@ class TrainCheckpointer:
       typed = _is_key(rng)
       meta["rng"] = {"typed": bool(typed), "impl": str(jax.random.key_impl(rng)) if typed else None}
       tree["rng"] = jax.random.key_data(rng) if typed else jnp.asarray(rng)
+    _check_deleted(tree)
+    tree, meta[_EMPTY] = _without_empty(tree)
+    args = ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta))
+    before = set(threading.enumerate())
     try:
-      return self._manager.save(
-          step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)), force=force
-      )
-    except TypeError as e:
-      raise TypeError(f"checkpoint metadata must be JSON-able (data_position, metadata): {e}") from e
+      return self._manager.save(step, args=args, force=force)
+    except BaseException:
+      # Orbax starts a thread that creates the step's directory before it writes the arrays; when the write fails,
+      # nothing awaits that thread (the manager's wait_until_finished does not know it), and if the process exits
+      # while it runs, it dies on the closed executor and the interpreter never exits. Join the threads this save
+      # started, then raise the error that stopped it.
+      _join_new_threads(before, timeout_s=60.0)
+      with contextlib.suppress(Exception):
+        self._manager.wait_until_finished()
+      raise
 
   def wait_until_finished(self) -> None:
     """Blocks until the pending asynchronous save is on disk."""
@@ -291,6 +390,7 @@ class TrainCheckpointer:
       step: int | None = None,
       base_params: Any = None,
       shardings: Any = None,
+      cast: bool = False,
   ) -> TrainCheckpoint:
     """Restores checkpoint ``step`` (default: the latest) into ``like``'s structure.
 
@@ -307,10 +407,16 @@ class TrainCheckpointer:
         ``like``'s structure of them (mask indices included) (default: each ``like`` array's own sharding,
         or the default device for ``ShapeDtypeStruct`` without one). Orbax
         reshards, so a checkpoint saved on 8 devices restores onto 1 or 4.
+      cast: convert stored arrays to the dtypes of ``like`` where they differ
+        (e.g. float32 masters into a bfloat16 evaluation state). Off by
+        default, since a silent conversion loses the bit-exact resume.
 
     Raises:
       FileNotFoundError: no checkpoint in the directory (or not ``step``).
-      ValueError: ``like`` holds a ``LeanState`` and ``base_params`` is missing.
+      ValueError: ``like`` holds a ``LeanState`` and ``base_params`` is missing;
+        or ``like`` does not fit the checkpoint: a leaf it lacks or has
+        besides, another shape, or (without ``cast``) another dtype; the
+        message names the leaf, what is stored and what ``like`` asks for.
     """
     steps = self.all_steps()
     if step is None:
@@ -342,12 +448,18 @@ class TrainCheckpointer:
       else:
         data = jax.eval_shape(lambda: jax.random.PRNGKey(0))
       abstract["rng"] = jax.ShapeDtypeStruct(data.shape, data.dtype)
+    self._check_fits(step, abstract, meta.get(_EMPTY) or [], cast=cast)
+    leaves, treedef = jax.tree.flatten(abstract)
+    to_read = treedef.unflatten([None if _is_empty(x) else x for x in leaves])
     try:
-      tree = self._manager.restore(
-          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+      read = self._manager.restore(
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(to_read))
       ).state
     except ValueError as e:
       raise ValueError(f"checkpoint {step} in {self.directory} does not fit the like tree: {e}") from e
+    # flatten_up_to takes the None that stands for a zero-size leaf as that leaf.
+    tree = treedef.unflatten([_empty_like(x) if _is_empty(x) else r
+                              for x, r in zip(leaves, treedef.flatten_up_to(read))])
 
     state = _unstorable(tree["state"], abstract_state)
     if has_lean:
@@ -360,6 +472,44 @@ class TrainCheckpointer:
     if rng_info is not None:
       rng = jax.random.wrap_key_data(tree["rng"], impl=rng_info["impl"]) if rng_info["typed"] else tree["rng"]
     return TrainCheckpoint(step, state, meta.get("data_position"), rng, meta.get("metadata") or {})
+
+  def _check_fits(self, step: int, abstract: Any, empty: list[Any], *, cast: bool) -> None:
+    """Compares the tree ``restore`` asks for with what checkpoint ``step`` stores: names, shapes, dtypes."""
+    stored: dict[tuple[str, ...], tuple[tuple[int, ...], str]] = {}
+    try:
+      items = self._manager.item_metadata(step)["state"]
+      items = ocp.tree.to_flat_dict(items.tree if hasattr(items, "tree") else items)
+    except Exception:  # no usable metadata (an unusual Orbax layout): Orbax's own checks remain
+      items = None
+    if not items:
+      return
+    for key, info in items.items():
+      if hasattr(info, "shape") and hasattr(info, "dtype"):
+        stored[tuple(key)] = (tuple(int(d) for d in info.shape), np.dtype(info.dtype).name)
+    for record in empty:
+      stored[tuple(record["path"])] = (tuple(record["shape"]), record["dtype"])
+    wanted = {tuple(key): (tuple(int(d) for d in x.shape), np.dtype(x.dtype).name)
+              for key, x in ocp.tree.to_flat_dict(abstract).items()}
+    where = f"checkpoint {step} in {self.directory}"
+    lacks = [_label(k) for k in stored if k not in wanted]
+    extra = [_label(k) for k in wanted if k not in stored]
+    if lacks or extra:
+      detail = []
+      if extra:
+        detail.append(f"like has leaves the checkpoint does not: {extra[:6]}")
+      if lacks:
+        detail.append(f"like lacks leaves the checkpoint has: {lacks[:6]}")
+      raise ValueError(f"{where} does not fit the like tree; " + "; ".join(detail) + ".")
+    for key, (shape, dtype) in wanted.items():
+      stored_shape, stored_dtype = stored[key]
+      if shape != stored_shape:
+        raise ValueError(
+            f"{where} does not fit the like tree: {_label(key)!r} is stored with shape {stored_shape}, like has "
+            f"{shape}.")
+      if dtype != stored_dtype and not cast:
+        raise ValueError(
+            f"{where} does not fit the like tree: {_label(key)!r} is stored as {stored_dtype}, like asks for "
+            f"{dtype}; give a like of the stored dtype, or pass cast=True to convert it.")
 
   # -- lifetime -------------------------------------------------------------
 

@@ -17,7 +17,9 @@ Masks are sampled by a :class:`Distribution`, which has two parts. An
 *allocation rule* turns a global density into a budget per leaf, and a *sampler*
 places each leaf's budget. Every leaf draws from its own key,
 ``fold_in(key, stable_hash(path))``, so adding, removing or reordering leaves
-never changes another leaf's mask.
+never changes another leaf's mask. A leaf whose budget rounds to 0 (a small bias at a low density) is frozen, with
+a warning that names it; ``sample_mask(..., min_per_leaf=1)`` trains at least
+one entry of every eligible leaf.
 
 Example:
 

@@ -31,7 +31,7 @@ def _allocate(rule: Allocation, paths: Sequence[str], sizes: Sequence[int], dens
     total = _round_half_up(density * sum(sizes))
     return _water_fill(sizes, total)
   if isinstance(rule, Mapping):
-    compiled = [(re.compile(p), float(d)) for p, d in rule.items()]
+    compiled = [(_compile_key(p), float(d)) for p, d in rule.items()]
     for p, d in compiled:
       _check_density(d, f"allocation[{p.pattern!r}]")
     out = []
@@ -54,6 +54,16 @@ def _allocate(rule: Allocation, paths: Sequence[str], sizes: Sequence[int], dens
       "allocation must be 'proportional', 'equal', a mapping {path regex: density} "
       f"or a callable (paths, sizes, total) -> budgets; got {rule!r}."
   )
+
+
+def _compile_key(pattern: Any) -> re.Pattern:
+  """One path regex of an allocation map, or a ValueError that names it."""
+  if isinstance(pattern, re.Pattern):
+    return pattern
+  try:
+    return re.compile(pattern)
+  except (re.error, TypeError) as e:
+    raise ValueError(f"allocation key {pattern!r} is not a valid path regular expression: {e}") from None
 
 
 def _water_fill(sizes: Sequence[int], total: int) -> list[int]:

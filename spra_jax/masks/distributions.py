@@ -7,6 +7,7 @@ budget (:meth:`Distribution.sample`). A new distribution is one subclass, regist
 from __future__ import annotations
 
 import abc
+import difflib
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
@@ -85,6 +86,25 @@ class Distribution(abc.ABC):
       budget: how many entries to choose (the expected number if not ``exact``).
     """
 
+  def min_budget(self, shape: tuple[int, ...], minimum: int) -> int:
+    """The smallest budget for which :meth:`sample` places at least ``minimum`` entries of a leaf of ``shape``.
+
+    :func:`~spra_jax.masks.sample_mask` raises a leaf's budget to it for ``min_per_leaf``. The default,
+    ``minimum``, is right for distributions that place about ``budget`` entries; one that rounds to whole lines
+    (rows, columns, tiles) returns the budget of enough whole lines. A draw that still comes out short (a random
+    count) is topped up by :func:`~spra_jax.masks.sample_mask` with uniformly chosen entries.
+
+    Args:
+      shape: the leaf's shape.
+      minimum: the entries the leaf must train, at most its size.
+
+    Example:
+
+      >>> uniform(0.01).min_budget((64, 64), 1)
+      1
+    """
+    return int(minimum)
+
   def budgets(self, paths: Sequence[str], sizes: Sequence[int], *, model_entries: int, full_entries: int) -> list[int]:
     """Per-leaf budgets for the eligible leaves ``paths`` of ``sizes``."""
     eligible = sum(sizes)
@@ -146,20 +166,42 @@ def available() -> list[str]:
 def get(name: str, density: float, **kwargs: Any) -> Distribution:
   """Builds a registered distribution by name.
 
+  Raises:
+    ValueError: ``name`` is not registered; the message lists :func:`available` and a close match, if any.
+
   Example:
 
     >>> get('bernoulli', 0.01)
     Bernoulli(0.01)
   """
-  try:
-    cls = _REGISTRY[name]
-  except KeyError:
-    raise ValueError(f"unknown mask distribution {name!r}; available: {', '.join(available())}.") from None
-  return cls(density, **kwargs)
+  return _lookup(name)(density, **kwargs)
+
+
+# Distributions that need data besides a density, so they have no registered name; a user who asks for them by
+# name is pointed to their constructor.
+_UNNAMED = {"top-k": "top_k(density, scores)", "top_k": "top_k(density, scores)", "topk": "top_k(density, scores)",
+            "magnitude": "magnitude(density, params)", "fisher": "top_k(density, fisher_scores(loss_fn, params, batches))"}
+
+
+def _lookup(name: str) -> type[Distribution]:
+  """The registered class of ``name``, or a ValueError that lists the names and suggests the closest one."""
+  if not isinstance(name, str):
+    raise TypeError(f"a distribution name must be a str, got {type(name).__name__}.")
+  if name in _REGISTRY:
+    return _REGISTRY[name]
+  names = available()
+  close = difflib.get_close_matches(name.lower(), names, n=1, cutoff=0.6)
+  hint = f" (did you mean {close[0]!r}?)" if close else ""
+  if name.lower() in _UNNAMED:
+    hint = f" (it needs data besides a density: pass spra.masks.{_UNNAMED[name.lower()]})"
+  raise ValueError(f"unknown mask distribution {name!r}{hint}; available: {', '.join(names)}.")
 
 
 def resolve_distribution(distribution: Distribution | str | None, density: float | None) -> Distribution:
-  """Turns the ``distribution``/``density`` arguments of the public API into an object."""
+  """Turns the ``distribution``/``density`` arguments of the public API into an object.
+
+  A name is looked up before the density is asked for, so a misspelt name is reported as unknown.
+  """
   if isinstance(distribution, Distribution):
     if density is not None and float(density) != distribution.density:
       raise ValueError(
@@ -167,13 +209,14 @@ def resolve_distribution(distribution: Distribution | str | None, density: float
           "give one of them."
       )
     return distribution
-  if density is None:
+  if distribution is not None and not isinstance(distribution, str):
+    raise TypeError(f"distribution must be a Distribution or a registered name, got {type(distribution).__name__}.")
+  cls = Uniform if distribution is None else _lookup(distribution)
+  if density is None and distribution is None:
     raise ValueError("a density is needed: pass density=... or a Distribution such as spra.masks.uniform(0.01).")
-  if distribution is None:
-    return Uniform(density)
-  if isinstance(distribution, str):
-    return get(distribution, density)
-  raise TypeError(f"distribution must be a Distribution or a registered name, got {type(distribution).__name__}.")
+  if density is None:
+    raise ValueError(f"a density is needed with distribution={distribution!r}: pass density=..., e.g. density=0.01.")
+  return cls(density)
 
 
 @register

@@ -39,6 +39,11 @@ def _lines_count(budget: int, line: int, lines: int) -> int:
   return min(lines, max(1, _round_half_up(budget / line)))
 
 
+def _whole_lines(minimum: int, line: int) -> int:
+  """The budget of the fewest whole lines of ``line`` entries that hold ``minimum`` entries."""
+  return -(-int(minimum) // line) * line
+
+
 def _as_matrix(shape: tuple[int, ...]) -> tuple[int, int]:
   """A leaf seen as a matrix: its first axis by the product of the others."""
   return shape[0], math.prod(shape[1:])
@@ -50,7 +55,9 @@ class Rows(Distribution):
 
   A kernel ``[in, out]`` then trains every output weight of a few input
   features. The count is rounded to whole rows (at least one when the budget
-  is positive), so ``exact`` is False. 1-D leaves fall back to single entries.
+  is positive), so ``exact`` is False; ``sample_mask(..., min_per_leaf=m)``
+  gives a leaf the fewest whole rows that hold m entries. 1-D leaves fall back
+  to single entries.
 
   Example:
 
@@ -71,14 +78,19 @@ class Rows(Distribution):
     chosen = _choose_sorted(key, n_rows, _lines_count(int(budget), row, n_rows))
     return (chosen[:, None] * row + jnp.arange(row, dtype=jnp.int32)[None, :]).reshape(-1)
 
+  def min_budget(self, shape, minimum):
+    if len(shape) < 2:
+      return int(minimum)
+    return _whole_lines(minimum, _as_matrix(shape)[1])
+
 
 @register
 class Columns(Distribution):
   """Whole columns (entries sharing their last index), chosen uniformly.
 
   A kernel ``[in, out]`` then trains every input weight of a few output
-  units. Counts are rounded to whole columns; 1-D leaves fall back to single
-  entries.
+  units. Counts are rounded to whole columns (``min_per_leaf``: the fewest
+  that hold the minimum); 1-D leaves fall back to single entries.
 
   Example:
 
@@ -101,6 +113,11 @@ class Columns(Distribution):
     # Row-major flat indices: every chosen column in each row, rows in order: sorted.
     return (jnp.arange(col, dtype=jnp.int32)[:, None] * n_cols + chosen[None, :]).reshape(-1)
 
+  def min_budget(self, shape, minimum):
+    if len(shape) < 2:
+      return int(minimum)
+    return _whole_lines(minimum, math.prod(shape) // shape[-1])
+
 
 @register
 class Blocks(Distribution):
@@ -108,7 +125,9 @@ class Blocks(Distribution):
 
   Tiles align with a ``block[0] × block[1]`` grid, as a matmul kernel's tiles
   do; edge tiles are clipped. The count is rounded to whole tiles (at least
-  one when the budget is positive). 1-D leaves fall back to single entries.
+  one when the budget is positive; with ``min_per_leaf``, enough tiles to hold
+  the minimum even if they are all the clipped corner one's size). 1-D leaves
+  fall back to single entries.
 
   Args:
     density: see :class:`Distribution`.
@@ -145,6 +164,16 @@ class Blocks(Distribution):
     flat = rows[:, :, None] * n_cols + cols[:, None, :]
     valid = (rows[:, :, None] < n_rows) & (cols[:, None, :] < n_cols)
     return jnp.asarray(np.sort(flat[valid]).astype(np.int32))
+
+  def min_budget(self, shape, minimum):
+    if len(shape) < 2:
+      return int(minimum)
+    n_rows, n_cols = _as_matrix(shape)
+    br, bc = min(self.block[0], n_rows), min(self.block[1], n_cols)
+    # Any tile may be the clipped corner one, so count enough of the smallest tiles; the sampler rounds the budget
+    # to whole full-size tiles, hence the budget of that many full tiles (capped at the grid by the sampler).
+    smallest = (n_rows % br or br) * (n_cols % bc or bc)
+    return -(-int(minimum) // smallest) * br * bc
 
   def spec(self) -> dict[str, Any]:
     return {**super().spec(), "block": list(self.block)}

@@ -219,6 +219,7 @@ def prepare(
     rules: Mapping[str, Any] | None = None,
     density: float = 0.01,
     distribution: masks.Distribution | str = "uniform",
+    min_per_leaf: int = 0,
     seed: int = 0,
     head: str | None = None,
     lora_rank: int = 8,
@@ -243,6 +244,8 @@ def prepare(
     density: SpaRTA's fraction of the eligible entries.
     distribution: a registered distribution name or a
       :class:`spra.masks.Distribution` (e.g. ``spra.masks.magnitude(...)``).
+    min_per_leaf: SpaRTA trains at least this many entries of every eligible
+      leaf (``spra.sample_mask``'s; 0 freezes a leaf whose share rounds to 0, with a warning).
     seed: the mask's key and LoRA's initialisation.
     head: the head's regex (default: ``rules['full']``, else
       :data:`HEAD_PATTERN`); for classification SpaRTA and LoRA train it fully.
@@ -276,7 +279,7 @@ def prepare(
       if task == "classification" and "full" not in rules:
         rules["full"] = head
       dist = masks.get(distribution, density) if isinstance(distribution, str) else distribution
-      mask = masks.sample_mask(jax.random.key(seed), params, dist, **rules)
+      mask = masks.sample_mask(jax.random.key(seed), params, dist, min_per_leaf=min_per_leaf, **rules)
     else:
       mask = head_mask(params, head)
     trainer = _check_trainer(trainer, LeanTrainer) or LeanTrainer(graphdef, tx, task=task, call=call,

@@ -24,7 +24,7 @@ from spra_jax.lean import LeanState
 from spra_jax.masks import FROZEN, FULL, LeafMask, block_grid, compact_sharding, is_leaf_mask, path_str
 from spra_jax.masks import validate_indices  # the per-slice checks live with the mask format
 from spra_jax.sharding.mesh import _is_sharding, _mesh_of
-from spra_jax.transform import SparseMaskedState
+from spra_jax.transform import SparseMaskedState, without_variables
 
 __all__ = [
     "check_shard_local",
@@ -162,6 +162,8 @@ def opt_state_shardings(opt_state: Any, param_shardings: Any, params: Any = None
     >>> out[0].mu['w'].spec, out[0].count.spec
     (P(None, 'tensor'), P())
   """
+  # Shardings taken from an ``nnx.state`` tree carry Variables; the spra.masked state holds plain arrays.
+  param_shardings, params = without_variables(param_shardings), without_variables(params)
   mesh = _mesh_of(param_shardings)
   replicated = NamedSharding(mesh, P())
   is_sms = lambda x: isinstance(x, SparseMaskedState)
