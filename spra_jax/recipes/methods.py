@@ -103,7 +103,15 @@ def head_mask(params: Any, head: str = HEAD_PATTERN) -> Any:
 
 
 def lora_filter(head: str | None = HEAD_PATTERN) -> Callable[[tuple, Any], bool]:
-  """The NNX filter of what LoRA trains: every ``nnx.LoRAParam``, and the ``nnx.Param`` leaves matching ``head``."""
+  """The NNX filter of what LoRA trains: every ``nnx.LoRAParam``, and the ``nnx.Param`` leaves matching ``head``.
+
+  >>> from flax import nnx
+  >>> trainable = lora_filter()
+  >>> trainable(('classifier', 'kernel'), nnx.Param(0.0)), trainable(('body', 'kernel'), nnx.Param(0.0))
+  (True, False)
+  >>> trainable(('body', 'lora', 'lora_a'), nnx.LoRAParam(0.0))
+  True
+  """
   pattern = re.compile(head) if head else None
 
   def trainable(path, value) -> bool:
@@ -114,7 +122,15 @@ def lora_filter(head: str | None = HEAD_PATTERN) -> Callable[[tuple, Any], bool]
 
 
 def place_on_mesh(model: nnx.Module, mesh: Mesh, rules: Any) -> None:
-  """Lays ``model`` out on ``mesh`` in place: parameters by the partition ``rules``, everything else replicated."""
+  """Lays ``model`` out on ``mesh`` in place: parameters by the partition ``rules``, everything else replicated.
+
+  >>> from flax import nnx
+  >>> from jax.sharding import PartitionSpec as P
+  >>> model = nnx.Linear(8, 4, rngs=nnx.Rngs(0))
+  >>> place_on_mesh(model, sharding.make_mesh(), [(r"kernel$", P("fsdp", None))])
+  >>> model.kernel[...].sharding.spec
+  P('fsdp', None)
+  """
   params = nnx.state(model, nnx.Param)
   nnx.update(model, sharding.shard_params(params, mesh, rules))
   others = nnx.state(model, nnx.Not(nnx.Param))

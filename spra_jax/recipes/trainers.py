@@ -126,6 +126,17 @@ class DenseTrainer:
     call: how a module is called on a batch.
 
   The state is ``(trainable, opt_state)``; each step donates it.
+
+  Example (full fine-tuning of a small classifier):
+
+    >>> import jax.numpy as jnp, optax
+    >>> from flax import nnx
+    >>> graphdef, params, rest = nnx.split(nnx.Linear(4, 2, rngs=nnx.Rngs(0)), nnx.Param, ...)
+    >>> trainer = DenseTrainer(graphdef, optax.adam(1e-2), task="classification", call=lambda m, b: m(b["x"]))
+    >>> state = trainer.init(params)
+    >>> state, loss = trainer.step(state, rest, {"x": jnp.ones((8, 4)), "labels": jnp.zeros(8, jnp.int32)})
+    >>> trainer.trainable(state), trainer.opt_state_bytes(state) > 2 * 4 * 10
+    (10, True)
   """
 
   def __init__(self, graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *, task: str,
