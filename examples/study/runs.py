@@ -99,7 +99,7 @@ class Lab:
       info.update(density=density, eligible=_eligible(params, rules))
     run = spra.recipes.prepare(model, row.method, tx=self._tx(scale), task="classification", rules=rules,
                                density=density, distribution=distribution, seed=seed, lora_rank=row.rank or 8,
-                               lora_alpha=2.0 * (row.rank or 8), keep_base=True, trainer=trainer)
+                               keep_base=True, trainer=trainer)  # LoRA's alpha: prepare's default, 2 x rank
     self._trainers[key] = run.trainer
     if run.mask is not None:
       info["sparse_trainable"] = sum(r["trainable"] for r in spra.masks.summary_rows(run.mask) if r["kind"] == "sparse")
