@@ -416,7 +416,7 @@ def grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False,
   return wrapped
 
 
-def apply_updates(params: Any, delta: SparseDelta, updates: Any) -> tuple[Any, SparseDelta]:
+def apply_updates(params: Any, delta: SparseDelta, updates: Any, *, base: Any = None) -> tuple[Any, SparseDelta]:
   """Adds compact ``updates`` to the delta and, in place, to the parameters.
 
   Returns ``(params, delta)`` with ``delta.values + updates`` and the same
@@ -426,6 +426,14 @@ def apply_updates(params: Any, delta: SparseDelta, updates: Any) -> tuple[Any, S
   of the weights exists: the parameters stay equal to base + delta (up to the
   parameter dtype's rounding; the delta keeps its own float32 values, and
   ``merge(base, delta)`` rebuilds the weights from them exactly).
+
+  For weights narrower than float32, adding each step's update rounds it
+  away when it is below half the dtype's spacing (3.9e-3 at 1.0 in bf16).
+  Give ``base``, the base values at the mask's entries
+  (:func:`spra.precision.base_entries`; None for a leaf adds as above), and
+  those entries are *written* as ``round(base + delta)`` instead: the
+  weights then equal ``merge(base_params, delta)`` bit for bit, whatever
+  the size of each step's update. Frozen entries are never written.
 
   ``updates`` has the structure of ``delta.values``: what an Optax
   transformation returns when it runs on ``delta.values``.
@@ -459,4 +467,19 @@ def apply_updates(params: Any, delta: SparseDelta, updates: Any) -> tuple[Any, S
     return (v.astype(_accumulate_dtype(v.dtype)) + u.astype(_accumulate_dtype(v.dtype))).astype(v.dtype)
 
   new_values = compact.map_leaves(add, delta.mask, delta.values, updates)
-  return merge(params, SparseDelta(delta.mask, updates)), delta.replace(values=new_values)
+  if base is None:
+    return merge(params, SparseDelta(delta.mask, updates)), delta.replace(values=new_values)
+
+  def write(m: LeafMask, x: Any, v: Any, u: Any, b: Any):
+    if m.kind == FROZEN:
+      return x
+    acc = _accumulate_dtype(x.dtype)
+    if b is None:  # add the update, as without a base
+      if m.kind == FULL:
+        return (x.astype(acc) + u.astype(acc)).astype(x.dtype)
+      return compact.put(x, m, (compact.take(x, m).astype(acc) + u.astype(acc)).astype(x.dtype))
+    exact = (b.astype(acc) + v.astype(acc)).astype(x.dtype)  # base + delta, rounded once
+    return exact if m.kind == FULL else compact.put(x, m, exact)
+
+  new_params = compact.map_leaves(write, delta.mask, params, new_values, updates, base)
+  return new_params, delta.replace(values=new_values)

@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from spra_jax import microbatch, precision
 from spra_jax.delta import SparseDelta, apply_updates, attach, init_delta, value_and_grad
 from spra_jax.masks import validate
 
@@ -57,6 +58,10 @@ class LeanState(NamedTuple):
     pending: the last step's compact update, written into ``params`` and
       ``delta`` at the start of the next step (or by :meth:`LeanStep.flush`).
     step: number of steps taken.
+    base: the base weights at the mask's entries of every leaf narrower than
+      float32 (a compact tree, None per other leaf; None when there are none
+      or the step was built with ``masters=False``). Those entries are written
+      as ``round(base + delta)``, so no update is lost to rounding.
   """
 
   params: Any
@@ -64,6 +69,7 @@ class LeanState(NamedTuple):
   opt_state: optax.OptState
   pending: Any
   step: jax.Array
+  base: Any = None
 
 
 # The state's shardings, or how to get them from the initial state (see lean_step).
@@ -77,10 +83,14 @@ class LeanStep:
   """
 
   def __init__(self, loss_fn: Callable, tx: optax.GradientTransformation, *, has_aux: bool, donate: bool, jit: bool,
-               state_shardings: StateShardings | None = None):
+               state_shardings: StateShardings | None = None, masters: bool = True, microbatches: int = 1,
+               split_args: Any = None):
     self.loss_fn = loss_fn
     self.tx = tx
     self.has_aux = has_aux
+    self.masters = masters
+    self.microbatches = microbatch.check_microbatches(microbatches)
+    self.split_args = None if split_args is None else tuple(split_args)
     self._jit = jit
     # A function is resolved by init, from the state it builds; a LeanState of shardings is used as given.
     self._shardings_of = state_shardings if callable(state_shardings) else None
@@ -97,11 +107,15 @@ class LeanStep:
     """
     return self._state_shardings
 
-  def init(self, params: Any, mask_or_delta: Any, *, dtype: Any = jnp.float32) -> LeanState:
+  def init(self, params: Any, mask_or_delta: Any, *, dtype: Any = jnp.float32, base: Any = None) -> LeanState:
     """The initial state for ``params`` and a mask (or a delta to resume from).
 
     With a mask, the delta starts at zero and ``params`` are the base weights.
-    With a :class:`SparseDelta`, ``params`` must already hold base + delta.
+    With a :class:`SparseDelta`, ``params`` must already hold base + delta;
+    if some trained leaves are narrower than float32 (and ``masters`` is on),
+    also give ``base``, the base weights (they cannot be recovered exactly
+    from rounded ones). A whole saved ``LeanState`` (``spra.checkpoint.TrainCheckpointer``)
+    holds its base entries and resumes bit-exactly without it.
 
     IMPORTANT: the step updates the weights in place: with ``donate=True`` the
     arrays of ``params`` are donated to the first step and become unusable
@@ -109,13 +123,26 @@ class LeanStep:
     Keep a copy (``jax.tree.map(jnp.copy, params)``) if you need the base
     weights afterwards, or rebuild them with ``spra.unmerge``.
     """
-    delta = mask_or_delta if isinstance(mask_or_delta, SparseDelta) else init_delta(mask_or_delta, dtype)
+    resuming = isinstance(mask_or_delta, SparseDelta)
+    delta = mask_or_delta if resuming else init_delta(mask_or_delta, dtype)
     validate(delta.mask, params)
+    base_entries = None
+    if base is not None:
+      validate(delta.mask, base)
+    if self.masters:
+      base_entries = precision.base_entries(params if base is None else base, delta.mask)
+      if resuming and base is None and base_entries is not None:
+        raise ValueError(
+            "resuming from a delta with weights narrower than float32 needs base= (the base weights): the trained "
+            "entries are written as round(base + delta), and rounded weights do not give the base back. Restore "
+            "the whole LeanState with spra.checkpoint.TrainCheckpointer instead, or build the step with masters=False.")
+      # A copy: a full leaf's entries are the weight array itself, which the first step takes over.
+      base_entries = jax.tree.map(jnp.copy, base_entries)
     # The step donates its state. Copy the delta (O(k)) so the caller's mask
     # and delta stay usable; only the weights are handed over.
     delta = jax.tree.map(jnp.copy, delta)
     pending = jax.tree.map(jnp.zeros_like, delta.values)
-    state = LeanState(params, delta, self.tx.init(delta.values), pending, jnp.zeros((), jnp.int32))
+    state = LeanState(params, delta, self.tx.init(delta.values), pending, jnp.zeros((), jnp.int32), base_entries)
     if self._shardings_of is not None:
       self._state_shardings = self._shardings_of(state)
     if self._state_shardings is None:
@@ -131,11 +158,16 @@ class LeanStep:
     return jax.lax.with_sharding_constraint(state, self._state_shardings)
 
   def _step_impl(self, state: LeanState, *batch: Any):
-    params, delta = apply_updates(state.params, state.delta, state.pending)
-    loss_of_delta = lambda d: self.loss_fn(attach(params, d), *batch)
-    out, grads = value_and_grad(loss_of_delta, has_aux=self.has_aux)(delta)
-    updates, opt_state = self.tx.update(grads.values, state.opt_state, delta.values)
-    new_state = self._keep_layout(LeanState(params, delta, opt_state, updates, state.step + 1))
+    params, delta = apply_updates(state.params, state.delta, state.pending, base=state.base)
+
+    def value_and_compact_grad(*batch):
+      out, grads = value_and_grad(lambda d: self.loss_fn(attach(params, d), *batch), has_aux=self.has_aux)(delta)
+      return out, grads.values  # the values only: the indices are not summed over microbatches
+
+    out, grads = microbatch.accumulate(value_and_compact_grad, self.microbatches, batch, split=self.split_args,
+                                       has_aux=self.has_aux)
+    updates, opt_state = self.tx.update(grads, state.opt_state, delta.values)
+    new_state = self._keep_layout(LeanState(params, delta, opt_state, updates, state.step + 1, state.base))
     if self.has_aux:
       loss, aux = out
       return new_state, loss, aux
@@ -159,7 +191,7 @@ class LeanStep:
     return self._step.lower(state, *batch)
 
   def _flush_impl(self, state: LeanState) -> LeanState:
-    params, delta = apply_updates(state.params, state.delta, state.pending)
+    params, delta = apply_updates(state.params, state.delta, state.pending, base=state.base)
     state = state._replace(params=params, delta=delta, pending=jax.tree.map(jnp.zeros_like, state.pending))
     return self._keep_layout(state)
 
@@ -179,6 +211,9 @@ def lean_step(
     donate: bool = True,
     jit: bool = True,
     state_shardings: StateShardings | None = None,
+    masters: bool = True,
+    microbatches: int = 1,
+    split_args: Any = None,
 ) -> LeanStep:
   """Builds the memory-lean SpaRTA training step.
 
@@ -209,6 +244,17 @@ def lean_step(
     state_shardings: None (the state stays where JAX puts it), a
       :class:`LeanState` of ``NamedSharding`` with one entry per leaf of the
       state, or a function that ``init`` calls on the initial state to get one.
+    masters: for weights narrower than float32 (bf16, f16), keep their base
+      values at the mask's entries (O(k), ``LeanState.base``) and write the
+      trained entries as ``round(base + delta)`` each step, so that updates
+      below half the dtype's spacing still move the model. Off, each step's
+      update is added to the weight and may round away. No effect on float32.
+    microbatches: gradient accumulation: each step splits its batch into this
+      many microbatches (rows ``j, j + n, ...``, see :mod:`spra.microbatch`)
+      and sums their compact gradients before one optimizer update.
+    split_args: which positional ``batch`` arguments of the step are split
+      into microbatches (default: all); e.g. ``(1,)`` when argument 0 is a
+      tree of frozen variables.
 
   Returns:
     A :class:`LeanStep`: ``state = step.init(params, mask)``, then
@@ -237,4 +283,5 @@ def lean_step(
     >>> state.delta.values['w'].sharding == step.state_shardings.delta.values['w']
     True
   """
-  return LeanStep(loss_fn, tx, has_aux=has_aux, donate=donate, jit=jit, state_shardings=state_shardings)
+  return LeanStep(loss_fn, tx, has_aux=has_aux, donate=donate, jit=jit, state_shardings=state_shardings,
+                  masters=masters, microbatches=microbatches, split_args=split_args)

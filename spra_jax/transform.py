@@ -13,6 +13,13 @@ The inner state is therefore built on k entries per leaf: AdamW's moments cost
 2·k values instead of 2·N, and the state also carries the int32 indices φ, so it
 checkpoints and shards with the rest of the state.
 
+For parameters narrower than float32 (bf16, f16) the state also keeps float32
+*masters* μ of the trained entries (O(k)): the inner transformation runs on
+them, μ' = μ + u_c, and the emitted update is ``round(μ') - θ[φ]`` in float32,
+so that ``optax.apply_updates`` lands each trained entry on its master rounded
+once, however small each step's update (an update below half a bf16 spacing,
+3.9e-3 at 1.0, would otherwise be rounded away every step).
+
 Example:
 
   >>> import jax, jax.numpy as jnp, optax
@@ -34,7 +41,7 @@ from typing import Any, NamedTuple
 import jax
 import optax
 
-from spra_jax import compact
+from spra_jax import compact, precision
 from spra_jax.masks import Distribution, Pattern, resolve_distribution, sample_mask, validate
 from spra_jax.masks.sampling import check_min_per_leaf
 
@@ -48,10 +55,14 @@ class SparseMaskedState(NamedTuple):
     mask: the mask (a params-shaped tree of ``LeafMask``; its leaves are the
       int32 index vectors).
     inner_state: the inner transformation's state over the compact tree.
+    masters: float32 values of the trained entries of every leaf narrower than
+      float32 (a compact tree, None per other leaf), or None when there are
+      none or ``masters=False``.
   """
 
   mask: Any
   inner_state: optax.OptState
+  masters: Any = None
 
 
 def without_variables(tree: Any) -> Any:
@@ -103,6 +114,7 @@ def masked(
     exclude: Pattern = None,
     full: Pattern = None,
     min_per_leaf: int = 0,
+    masters: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   """Trains only the entries of a sparse mask, with O(k) optimizer state.
 
@@ -135,6 +147,19 @@ def masked(
     full: regex(es) for leaves that train every entry.
     min_per_leaf: every eligible leaf trains at least ``min(min_per_leaf, leaf size)`` entries (with ``key``): a
       small leaf whose budget rounds to 0 is otherwise frozen, with a warning; see :func:`spra.sample_mask`.
+    masters: for parameters narrower than float32, keep float32 master values
+      of the trained entries in the state (4 bytes per trained entry) and run
+      the inner transformation on them; updates of those leaves are then
+      float32 arrays that move each trained entry to its master rounded once
+      (see the module docstring). Off, the inner transformation sees the
+      low-precision values and small updates may round away. No effect on
+      float32 parameters.
+
+  What must hold with masters: the updates are applied as
+  ``optax.apply_updates`` does (add in float32, round once to the parameter's
+  dtype), every step; give ``params`` to ``update`` (otherwise the trained
+  entries are taken to be the old masters rounded, and the rounding dtype is
+  the gradients').
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -188,7 +213,9 @@ def masked(
     if m is None:
       m = sample_mask(key, params, dist, include=include, exclude=exclude, full=full, min_per_leaf=min_per_leaf)
     validate(m, params)
-    return SparseMaskedState(mask=m, inner_state=inner.init(compact.gather(params, m)))
+    masters_ = precision.float32_masters(params, m) if masters else None
+    return SparseMaskedState(mask=m, inner_state=inner.init(_with_masters(compact.gather(params, m), masters_, m)),
+                             masters=masters_)
 
   def update_fn(updates, state, params=None, **extra_args):
     # A state or gradients that still hold NNX Variables (e.g. ``nnx.Optimizer``'s own ``opt_state``, or
@@ -197,15 +224,64 @@ def masked(
     grads = without_variables(updates)
     m = state.mask
     validate(m, grads, check_indices=False)
-    compact_updates = compact.gather(grads, m)
+    compact_grads = compact.gather(grads, m)
     compact_params = None if params is None else compact.gather(without_variables(params), m)
-    compact_updates, inner_state = inner.update(compact_updates, state.inner_state, compact_params, **extra_args)
-    dense = compact.scatter(compact_updates, m, grads)
+    masters_ = state.masters
+    if masters_ is None:
+      compact_updates, inner_state = inner.update(compact_grads, state.inner_state, compact_params, **extra_args)
+      dense = compact.scatter(compact_updates, m, grads)
+    else:
+      compact_grads = compact.map_leaves(_grad_for_master, m, compact_grads, masters_)
+      compact_updates, inner_state = inner.update(compact_grads, state.inner_state,
+                                                  _with_masters(compact_params, masters_, m), **extra_args)
+      masters_, compact_updates = _step_masters(m, masters_, compact_updates, compact_params, grads)
+      dense = compact.scatter(compact_updates, m, compact.map_leaves(_update_like, m, grads, masters_))
     if grads is not updates:
       dense = jax.tree.structure(updates).unflatten(jax.tree.leaves(dense))
-    return dense, SparseMaskedState(mask=m, inner_state=inner_state)
+    return dense, SparseMaskedState(mask=m, inner_state=inner_state, masters=masters_)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _with_masters(compact_params: Any, masters: Any, mask: Any) -> Any:
+  """The compact parameters the inner transformation sees: the masters where they exist."""
+  if masters is None:
+    return compact_params
+  if compact_params is None:  # no params given to update: the masters are the only values there are
+    return compact.map_leaves(lambda m, mu: mu, mask, masters)
+  return compact.map_leaves(lambda m, p, mu: p if mu is None else mu, mask, compact_params, masters)
+
+
+def _grad_for_master(m: Any, g: Any, mu: Any) -> Any:
+  return g if mu is None or g is None else g.astype(mu.dtype)
+
+
+def _update_like(m: Any, g: Any, mu: Any) -> Any:
+  """The dtype template of a leaf's dense update: float32 where a master moves the entries, else the gradient's."""
+  return g if mu is None else jax.ShapeDtypeStruct(m.shape, mu.dtype)
+
+
+def _step_masters(mask: Any, masters: Any, compact_updates: Any, compact_params: Any, grads: Any):
+  """The new masters and the float32 updates that land each trained entry on its new master, rounded once."""
+
+  def new_master(m, mu, u):
+    return None if mu is None else mu + u.astype(mu.dtype)
+
+  new_masters = compact.map_leaves(new_master, mask, masters, compact_updates)
+  params_or_nones = compact.map_leaves(lambda m: None, mask) if compact_params is None else compact_params
+
+  def update(m, mu, new, u, p, g):
+    if mu is None:
+      return u
+    # What the entry holds now and the dtype it is rounded to: the params' (without params, the old master rounded
+    # to the gradients' dtype). round(new) - current is exact in float32 for nearby values and otherwise within a
+    # float32 rounding, far below half a low-precision spacing, so apply_updates' p + update rounds to round(new).
+    dtype = (p if p is not None else g).dtype
+    current = p if p is not None else mu.astype(dtype)
+    return new.astype(dtype).astype(mu.dtype) - current.astype(mu.dtype)
+
+  updates = compact.map_leaves(update, mask, masters, new_masters, compact_updates, params_or_nones, grads)
+  return new_masters, updates
 
 
 def mask_of(opt_state: optax.OptState) -> Any:

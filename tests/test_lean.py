@@ -158,9 +158,11 @@ def test_lean_step_with_aux_resume_and_bf16(params, batch):
   assert float(aux) == 1.0
   assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(state.delta.values))
   assert any(float(jnp.abs(v).max()) > 0 for v in jax.tree.leaves(state.delta.values))
-  # Resuming from a delta continues where it stopped.
-  resumed = step.init(state.params, state.delta)
+  # Resuming from a delta continues where it stopped (bf16 weights: with the base, for round(base + delta)).
+  resumed = step.init(jax.tree.map(jnp.copy, state.params), state.delta, base=bf16)
   assert all(float(jnp.abs(p).max()) == 0 for p in jax.tree.leaves(resumed.pending))
+  for a, b in zip(jax.tree.leaves(step.flush(resumed).params), jax.tree.leaves(state.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_apply_updates_writes_params_and_delta(params):

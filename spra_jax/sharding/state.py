@@ -86,6 +86,14 @@ def _values_shardings(mask: Any, param_shardings: Any) -> Any:
   return compact.map_leaves(_compact_leaf_sharding, mask, param_shardings)
 
 
+def _present_shardings(mask: Any, param_shardings: Any, present: Any) -> Any:
+  """Compact shardings where the compact tree ``present`` has an array, None where it has None (None if it is None)."""
+  if present is None:
+    return None
+  return compact.map_leaves(lambda m, s, x: None if x is None else s, mask,
+                            _values_shardings(mask, param_shardings), present)
+
+
 def delta_shardings(delta: SparseDelta, param_shardings: Any) -> SparseDelta:
   """A ``SparseDelta`` of shardings for ``delta``: indices and values sharded alike.
 
@@ -184,7 +192,8 @@ def opt_state_shardings(opt_state: Any, param_shardings: Any, params: Any = None
     if is_sms(sub):
       _check_structure(sub.mask, param_shardings)
       inner = _map_state(sub.inner_state, _suffix_finder(_compact_entries(sub.mask, param_shardings)), replicated)
-      return SparseMaskedState(mask_shardings(sub.mask, param_shardings), inner)
+      return SparseMaskedState(mask_shardings(sub.mask, param_shardings), inner,
+                               _present_shardings(sub.mask, param_shardings, sub.masters))
     found = find_param(path_str(path), tuple(np.shape(sub)))
     return found if found is not None else replicated
 
@@ -216,6 +225,7 @@ def lean_state_shardings(state: LeanState, param_shardings: Any) -> LeanState:
       opt_state=_map_state(state.opt_state, _suffix_finder(_compact_entries(mask, param_shardings)), replicated),
       pending=values,
       step=replicated,
+      base=_present_shardings(mask, param_shardings, state.base),
   )
 
 

@@ -1,0 +1,196 @@
+"""Mixed precision: bf16 weights that learn from updates below half their spacing, in both training doors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import spra_jax as spra
+from spra_jax import precision
+from spra_jax.checkpoint import TrainCheckpointer
+
+STEPS, LR = 200, 1e-3  # each step moves a trained entry by 1e-3, below half a bf16 spacing at 1.0 (3.9e-3)
+
+
+@pytest.fixture(scope="module")
+def bf16_case():
+  base = {"w": (1.0 + 0.1 * jax.random.normal(jax.random.key(0), (16, 16))).astype(jnp.bfloat16)}
+  mask = spra.sample_mask(jax.random.key(1), base, density=0.5)
+  return base, mask, np.asarray(spra.to_dense(mask)["w"])
+
+
+def _moved(new, base):
+  return np.asarray(new, np.float32) - np.asarray(base, np.float32)
+
+
+def _check_moved_by(new, base, trained, total):
+  moved = _moved(new, base)
+  # Each trained entry is round(base + total) in bf16: within half a spacing (at most 2^-7 near 1.2) of base + total.
+  np.testing.assert_allclose(moved[trained], total, atol=2.0**-7)
+  assert moved[trained].mean() == pytest.approx(total, abs=2.0**-8)
+  # Frozen entries: bit-identical to the base.
+  np.testing.assert_array_equal(np.asarray(new).view(np.uint16)[~trained], np.asarray(base).view(np.uint16)[~trained])
+
+
+@pytest.mark.parametrize("masters", [True, False])
+def test_masked_door_learns_below_half_a_bf16_spacing_with_masters(bf16_case, masters):
+  base, mask, trained = bf16_case
+  tx = spra.masked(optax.sgd(LR), mask, masters=masters)
+  state = tx.init(base)
+  assert (state.masters is not None) == masters
+  grads = {"w": -jnp.ones((16, 16), jnp.bfloat16)}  # a constant gradient: each update is +1e-3
+
+  @jax.jit
+  def run(params, state):
+    def body(_, carry):
+      params, state = carry
+      updates, state = tx.update(grads, state, params)
+      return optax.apply_updates(params, updates), state
+    return jax.lax.fori_loop(0, STEPS, body, (params, state))
+
+  params, state = run(base, state)
+  assert params["w"].dtype == jnp.bfloat16
+  if masters:
+    _check_moved_by(params["w"], base["w"], trained, STEPS * LR)
+    # float32 masters: 200 float32 additions at ~1.2, each within half a float32 spacing (6e-8).
+    np.testing.assert_allclose(state.masters["w"], np.asarray(base["w"], np.float32)[trained] + STEPS * LR, atol=2e-5)
+    # The weights are exactly the masters rounded once.
+    np.testing.assert_array_equal(np.asarray(params["w"])[trained], np.asarray(state.masters["w"].astype(jnp.bfloat16)))
+  else:  # the rounding this issue is about: every update is lost
+    np.testing.assert_array_equal(np.asarray(params["w"]), np.asarray(base["w"]))
+
+
+@pytest.mark.parametrize("masters", [True, False])
+def test_lean_door_writes_round_base_plus_delta(bf16_case, masters):
+  base, mask, trained = bf16_case
+  step = spra.lean_step(lambda p, x: (p["w"].astype(jnp.float32) * x).sum(), optax.sgd(LR), masters=masters)
+  state = step.init(jax.tree.map(jnp.copy, base), mask)
+  assert (state.base is not None) == masters
+  x = -jnp.ones((16, 16))
+  for _ in range(STEPS):
+    state, _ = step(state, x)
+  state = step.flush(state)
+  np.testing.assert_allclose(state.delta.values["w"], STEPS * LR, rtol=1e-5)  # the float32 delta always learns
+  if masters:
+    _check_moved_by(state.params["w"], base["w"], trained, STEPS * LR)
+    # The weights equal merge(base, delta) bit for bit: the trained entries were rounded once.
+    np.testing.assert_array_equal(np.asarray(state.params["w"]), np.asarray(spra.merge(base, state.delta)["w"]))
+  else:
+    np.testing.assert_array_equal(np.asarray(state.params["w"]), np.asarray(base["w"]))
+
+
+def test_float32_params_are_unchanged_by_masters(params):
+  """No masters and no base entries for float32 trees: the state is what it was before mixed precision."""
+  mask = spra.sample_mask(0, params, density=0.1)
+  assert spra.masked(optax.adam(1e-3), mask).init(params).masters is None
+  assert spra.lean_step(lambda p: 0.0, optax.adam(1e-3), jit=False).init(params, mask).base is None
+
+
+def test_masked_state_bound_for_bf16_params_with_masters():
+  """16 bytes per trained entry (indices, masters, two float32 moments) against dense AdamW's."""
+  params = {f"w{i}": jnp.zeros((256, 256), jnp.bfloat16) for i in range(3)}
+  total = 3 * 256 * 256
+  for density in (0.001, 0.01, 0.1):
+    state = spra.masked(optax.adamw(1e-3), density=density, key=0).init(params)
+    k = spra.num_trainable(spra.mask_of(state))
+    sparse_bytes = spra.recipes.tree_bytes(state)
+    assert sparse_bytes == 16 * k + 4  # + AdamW's int32 count
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.inner_state[0].mu))
+    # Against dense mixed-precision AdamW (float32 moments and a float32 master of every weight): 12 bytes per entry.
+    mixed_bytes = spra.recipes.tree_bytes(precision.float32_state(optax.adamw(1e-3)).init(params)) + 4 * total
+    assert sparse_bytes / mixed_bytes <= 1.4 * density
+    # Against AdamW with bf16 moments (optax's default for bf16 params, no masters): 4 bytes per entry.
+    bf16_bytes = spra.recipes.tree_bytes(optax.adamw(1e-3).init(params))
+    assert sparse_bytes / bf16_bytes <= 4.1 * density
+
+
+def test_bf16_resume_is_bit_exact_in_both_doors(tmp_path, bf16_case):
+  base, mask, _ = bf16_case
+  x = jax.random.normal(jax.random.key(2), (4, 16))
+  loss = lambda p, x: ((x @ p["w"].astype(jnp.float32)) ** 2).mean()
+  lean = spra.lean_step(loss, optax.adamw(1e-3))
+
+  def lean_run(state, steps):
+    for _ in range(steps):
+      state, _ = lean(state, x)
+    return state
+
+  straight = lean.flush(lean_run(lean.init(jax.tree.map(jnp.copy, base), mask), 6))
+  with TrainCheckpointer(tmp_path / "lean") as ckpt:
+    ckpt.save(3, lean_run(lean.init(jax.tree.map(jnp.copy, base), mask), 3))
+    ckpt.wait_until_finished()
+    restored = ckpt.restore(lean.init(jax.tree.map(jnp.copy, base), mask), base_params=base).state
+  resumed = lean.flush(lean_run(restored, 3))
+  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+  tx = spra.masked(optax.adamw(1e-3), mask)
+  update = jax.jit(lambda p, s: (lambda u, s: (optax.apply_updates(p, u), s))(*tx.update(jax.grad(loss)(p, x), s, p)))
+
+  def masked_run(p, s, steps):
+    for _ in range(steps):
+      p, s = update(p, s)
+    return p, s
+
+  straight = masked_run(base, tx.init(base), 6)
+  with TrainCheckpointer(tmp_path / "masked") as ckpt:
+    ckpt.save(3, masked_run(base, tx.init(base), 3))
+    ckpt.wait_until_finished()
+    restored = ckpt.restore((base, tx.init(base))).state
+  assert restored[1].masters["w"].dtype == jnp.float32
+  resumed = masked_run(*restored, 3)
+  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_lean_resume_from_a_delta_needs_the_base_for_bf16(bf16_case):
+  base, mask, _ = bf16_case
+  step = spra.lean_step(lambda p: 0.0, optax.sgd(1.0), jit=False)
+  delta = spra.init_delta(mask).replace(values={"w": jnp.full(spra.num_trainable(mask), 1e-3)})
+  tuned = spra.merge(base, delta)
+  with pytest.raises(ValueError, match="needs base="):
+    step.init(tuned, delta)
+  state = step.init(tuned, delta, base=base)
+  np.testing.assert_array_equal(np.asarray(state.base["w"]), np.asarray(base["w"]).reshape(-1)[np.asarray(mask["w"].indices)])
+
+
+def test_bf16_adapter_loads_into_a_float32_base(tmp_path, bf16_case):
+  """The delta is float32 whatever the weights' dtype: a float32 copy of the base takes it (fingerprints match)."""
+  base, mask, _ = bf16_case
+  delta = spra.init_delta(mask).replace(values={"w": jnp.full(spra.num_trainable(mask), 1e-3)})
+  spra.save_adapter(tmp_path / "adapter", delta, base_fingerprint=spra.checkpoint.base_fingerprint(base, mask))
+  base32 = jax.tree.map(lambda w: w.astype(jnp.float32), base)
+  loaded = spra.load_adapter(tmp_path / "adapter", base_params=base32)
+  assert loaded.values["w"].dtype == jnp.float32
+  merged = spra.merge(base32, loaded)
+  assert merged["w"].dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(merged["w"]), np.asarray(spra.merge(base32, delta)["w"]))
+
+
+@pytest.mark.parametrize("accum", [2, 4])
+def test_lean_microbatches_sum_compact_gradients_like_one_batch(accum):
+  params = {"w": jax.random.normal(jax.random.key(3), (8, 4)), "b": jnp.zeros(4)}
+  mask = spra.sample_mask(0, params, density=0.5, full="b")
+  x, y = jax.random.normal(jax.random.key(4), (8, 8)), jax.random.normal(jax.random.key(5), (8, 4))
+  loss = lambda p, x, y: ((x @ p["w"] + p["b"] - y) ** 2).mean()
+  one = spra.lean_step(loss, optax.adam(1e-2))
+  many = spra.lean_step(loss, optax.adam(1e-2), microbatches=accum)
+  s1, s2 = one.init(jax.tree.map(jnp.copy, params), mask), many.init(jax.tree.map(jnp.copy, params), mask)
+  for _ in range(3):
+    (s1, l1), (s2, l2) = one(s1, x, y), many(s2, x, y)
+    np.testing.assert_allclose(l1, l2, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(s1.delta.values), jax.tree.leaves(s2.delta.values)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  with pytest.raises(ValueError, match="divisible by 3"):
+    spra.lean_step(loss, optax.adam(1e-2), microbatches=3)(s2, x, y)
+  with pytest.raises(ValueError, match=">= 1"):
+    spra.lean_step(loss, optax.adam(1e-2), microbatches=0)
+
+
+def test_float_dtype_names_what_it_accepts():
+  assert precision.float_dtype("bfloat16") == jnp.bfloat16
+  assert precision.float_dtype(jnp.float32) == jnp.float32
+  for bad in ("int8", "float64", "bf16x", None):
+    with pytest.raises(ValueError, match=r"must be one of \['float32', 'bfloat16', 'float16'\]"):
+      precision.float_dtype(bad, what="--param-dtype")
