@@ -11,7 +11,7 @@ See ``spra.masked`` (the Optax transformation), ``spra.sample_mask`` and
 ``spra.masks`` (mask distributions), and ``spra.SparseDelta`` (adapters).
 """
 
-from spra_jax import checkpoint, compact, data, masks, metrics, models, nnx
+from spra_jax import checkpoint, compact, data, masks, metrics, microbatch, models, nnx, precision
 from spra_jax.checkpoint import adapter_overlap, load_adapter, load_adapter_config, merge_adapters, save_adapter
 from spra_jax.delta import (
     SparseDelta,
@@ -61,9 +61,11 @@ __all__ = [
     "merge",
     "merge_adapters",
     "metrics",
+    "microbatch",
     "models",
     "nnx",
     "num_trainable",
+    "precision",
     "recipes",
     "sample_mask",
     "save_adapter",

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from spra_jax.finetune import DEFAULT_LR, METHODS, FinetuneConfig, Interrupted, finetune
+from spra_jax.precision import FLOAT_DTYPES
 
 __all__ = ["main", "parser"]
 
@@ -84,6 +85,12 @@ def parser() -> argparse.ArgumentParser:
   add("--epochs", type=float, default=d.epochs, help="passes over the training split")
   add("--batch-size", type=int, default=d.batch_size, help="examples per step")
   add("--max-length", type=int, default=d.max_length, help="tokens per example (truncated or padded)")
+  add("--grad-accum-steps", type=int, default=d.grad_accum_steps,
+      help="microbatches per step: gradients summed over batch-size / N rows at a time (same effective batch)")
+  add("--param-dtype", choices=FLOAT_DTYPES, default=None,
+      help="the weights' dtype (default: float32 on CPU, bfloat16 on GPU and TPU); SpaRTA keeps float32 deltas")
+  add("--compute-dtype", choices=FLOAT_DTYPES, default=None,
+      help="the dtype the model computes in (default: float32 on CPU, bfloat16 on GPU and TPU); losses are float32")
   add("--eval-every", type=int, default=d.eval_every, help="evaluate on the validation split every this many steps")
   add("--eval-examples", type=int, default=d.eval_examples, help="validation examples per evaluation (0: all)")
   add("--test-examples", type=int, default=d.test_examples, help="test examples of the final evaluation (0: all)")
@@ -115,6 +122,8 @@ def summary_table(results: dict) -> str:
            ("optimizer state", f"{results['opt_state_bytes'] / 2**20:.2f} MiB")]
   if "lr" in results:
     rows.append(("learning rate", f"{results['lr']:g}"))
+  if "param_dtype" in results:
+    rows.append(("precision", f"{results['param_dtype']} weights, {results['compute_dtype']} compute"))
   rows += [("steps", str(results["steps"])), ("wall time", f"{results['seconds']:.0f} s"), ("adapter", results["adapter"])]
   width = max(len(r[0]) for r in rows)
   return "\n".join([f"| {'':<{width}} | |", f"|{'-' * (width + 2)}|---|"] + [f"| {k:<{width}} | {v} |" for k, v in rows])
@@ -149,6 +158,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "spra-jax", **finetun
         distribution=args.distribution, preset=args.preset, include=args.include, exclude=args.exclude,
         full=args.full, lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, steps=args.steps,
         epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length, eval_every=args.eval_every,
+        grad_accum_steps=args.grad_accum_steps, param_dtype=args.param_dtype, compute_dtype=args.compute_dtype,
         eval_examples=args.eval_examples, test_examples=args.test_examples, checkpoint_every=args.checkpoint_every,
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, seed=args.seed, text_column=args.text_column,
         label_column=args.label_column, prompt_column=args.prompt_column, response_column=args.response_column,

@@ -15,7 +15,8 @@ PACKAGE = ROOT / "spra_jax"
 LAYERS = (
     ("_version", "_torch_names"),
     ("masks",),
-    ("compact",),
+    ("compact", "microbatch"),
+    ("precision",),
     ("transform",),
     ("delta",),
     ("lean", "nnx"),

@@ -235,7 +235,7 @@ def llama_model(small: bool, batch: int | None = None) -> Model:
       gated = jax.nn.silu(proj(x, "mlp", "gate_proj")) * proj(x, "mlp", "up_proj")
       h = h + proj(gated, "mlp", "down_proj")
     h = rms_norm(h, params["norm"]["scale"])
-    logits = h @ params["lm_head"]["kernel"]
+    logits = (h @ params["lm_head"]["kernel"]).astype(jnp.float32)  # the loss in float32 for any weights' dtype
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
   def loss(params, tokens, lora=None, lora_scale=1.0):

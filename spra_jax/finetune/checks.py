@@ -7,11 +7,12 @@ import json
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from spra_jax import data as data_lib
 from spra_jax import sharding as sharding_lib
-from spra_jax.finetune.config import _FAMILY_OF_ARCHITECTURE, FinetuneConfig, default_lr, parse_mesh
+from spra_jax.finetune.config import _FAMILY_OF_ARCHITECTURE, FinetuneConfig, default_dtype, default_lr, parse_mesh
 
 
 
@@ -25,8 +26,9 @@ class Validated:
   """What :func:`validate` found: the config with its learning rate resolved, and what the job needs next.
 
   Attributes:
-    config: a copy of the config with ``lr`` resolved.
+    config: a copy of the config with ``lr``, ``param_dtype`` and ``compute_dtype`` resolved.
     lr_source: how the rate was chosen, in words (``'given'`` or the default it is).
+    dtype_source: how the dtypes were chosen, in words.
     family: ``'encoder'`` or ``'decoder'`` (what :data:`DEFAULT_LR` is keyed by).
     task: ``'classification'`` or ``'sft'``.
     columns: the dataset's columns.
@@ -42,6 +44,7 @@ class Validated:
   columns: list[str]
   dataset: Any = None
   mesh: Any = None
+  dtype_source: str = "given"
 
 
 def _infer_task(columns: list[str]) -> tuple[str, str | None, str | None]:
@@ -52,11 +55,12 @@ def _infer_task(columns: list[str]) -> tuple[str, str | None, str | None]:
   return "classification", None, None
 
 
-def _check_batch_on_mesh(batch_size: int, mesh: Any) -> None:
+def _check_batch_on_mesh(batch_size: int, mesh: Any, *, microbatches: int = 1) -> None:
+  """Each (micro)batch of ``batch_size`` rows must split evenly over the mesh's data x fsdp devices."""
   batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
   if batch_size % batch_ways:
-    raise ValueError(f"batch_size {batch_size} must be a multiple of data x fsdp = {batch_ways} "
-                     f"on the mesh {dict(mesh.shape)}")
+    what = (f"batch_size / grad_accum_steps = {batch_size}" if microbatches > 1 else f"batch_size {batch_size}")
+    raise ValueError(f"{what} must be a multiple of data x fsdp = {batch_ways} on the mesh {dict(mesh.shape)}")
 
 
 def _family_of_model(model: nnx.Module, task: str) -> str:
@@ -142,7 +146,8 @@ def validate(config: FinetuneConfig, *, resume: bool = False, overwrite: bool = 
       mesh = sharding_lib.make_mesh(**axes)
     except ValueError as e:
       raise ValueError(f"mesh {config.mesh!r} does not fit the {jax.device_count()} device(s) here: {e}") from None
-    _check_batch_on_mesh(config.batch_size, mesh)
+    _check_batch_on_mesh(config.batch_size // config.grad_accum_steps, mesh, microbatches=config.grad_accum_steps)
+  param_dtype, compute_dtype, dtype_source = _resolve_dtypes(config)
   if config.preset is not None:
     from spra_jax.models import presets
 
@@ -181,4 +186,24 @@ def validate(config: FinetuneConfig, *, resume: bool = False, overwrite: bool = 
     lr, source = default_lr(config.method, family), f"the default of {config.method} for {family} models"
   else:
     lr, source = float(config.lr), "given"
-  return Validated(dataclasses.replace(config, lr=lr), source, family, task, columns, dataset, mesh)
+  resolved = dataclasses.replace(config, lr=lr, param_dtype=param_dtype, compute_dtype=compute_dtype)
+  return Validated(resolved, source, family, task, columns, dataset, mesh, dtype_source)
+
+
+def _resolve_dtypes(config: FinetuneConfig) -> tuple[str, str, str]:
+  """The run's parameter and compute dtypes (the backend's default where the config names none), checked to run here."""
+  backend = jax.default_backend()
+  default = default_dtype(backend)
+  param_dtype, compute_dtype = config.param_dtype or default, config.compute_dtype or default
+  for name in {param_dtype, compute_dtype}:
+    try:  # a matmul and a float32 sum: what every step does in these dtypes
+      x = jnp.ones((2, 2), name)
+      float((x @ x).astype(jnp.float32).sum())
+    except Exception as e:  # noqa: BLE001 - any failure means this backend cannot train in the dtype
+      raise ValueError(f"the {backend} backend cannot compute in {name} here ({type(e).__name__}: {e}); "
+                       "choose another --param-dtype / --compute-dtype") from None
+  if config.param_dtype and config.compute_dtype:
+    source = "given"
+  else:
+    source = f"{'given and ' if config.param_dtype or config.compute_dtype else ''}the default on {backend}"
+  return param_dtype, compute_dtype, source

@@ -9,6 +9,7 @@ import re
 from typing import Any
 
 from spra_jax import masks as masks_lib
+from spra_jax import precision
 from spra_jax import sharding as sharding_lib
 from spra_jax.recipes import METHODS
 
@@ -64,6 +65,16 @@ class FinetuneConfig:
       steps spent warming up linearly (then cosine decay).
     steps / epochs: the training length (``steps`` wins when both are given).
     batch_size, max_length: the batch shape (fixed, so one compilation).
+    grad_accum_steps: each step runs its batch as this many microbatches of
+      ``batch_size / grad_accum_steps`` rows and sums their gradients before
+      one update (compact gradients for SpaRTA): the effective batch is
+      ``batch_size``, the activations those of one microbatch.
+    param_dtype, compute_dtype: ``float32``, ``bfloat16`` or ``float16``: the
+      weights' dtype and the dtype the model computes in (losses and softmax
+      are float32 always). None: float32 on CPU, bfloat16 on GPU and TPU,
+      resolved when the job starts (:func:`default_dtype`) and saved resolved
+      in ``config.json``. SpaRTA with bf16 weights keeps float32 deltas and
+      writes ``round(base + delta)`` into the weights.
     eval_every: evaluate on the validation split every this many steps.
     eval_examples: cap on validation examples per evaluation (0 = all).
     test_examples: cap on the test examples of the final evaluation (0 = all).
@@ -96,6 +107,9 @@ class FinetuneConfig:
   epochs: float | None = 1.0
   batch_size: int = 32
   max_length: int = 64
+  grad_accum_steps: int = 1
+  param_dtype: str | None = None
+  compute_dtype: str | None = None
   eval_every: int = 100
   eval_examples: int = 0
   test_examples: int = 0
@@ -120,12 +134,18 @@ class FinetuneConfig:
         raise ValueError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
     if not _is_real(self.density) or not 0 < self.density <= 1:
       raise ValueError(f"density must be in (0, 1], got {self.density}")
-    for name in ("batch_size", "max_length", "eval_every", "checkpoint_every", "lora_rank"):
+    for name in ("batch_size", "max_length", "eval_every", "checkpoint_every", "lora_rank", "grad_accum_steps"):
       if not _is_int(getattr(self, name)) or getattr(self, name) <= 0:
         raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
     for name in ("eval_examples", "test_examples"):
       if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
         raise ValueError(f"{name} must be an integer >= 0 (0 = all), got {getattr(self, name)!r}")
+    if self.batch_size % self.grad_accum_steps:
+      raise ValueError(f"batch_size {self.batch_size} must be a multiple of grad_accum_steps {self.grad_accum_steps} "
+                       "(each step runs batch_size / grad_accum_steps rows at a time)")
+    for name in ("param_dtype", "compute_dtype"):
+      if getattr(self, name) is not None:
+        setattr(self, name, precision.float_dtype(getattr(self, name), what=name).name)
     if not _is_int(self.seed) or not 0 <= self.seed < 2**32:
       raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
     if self.lr is not None and (not _is_real(self.lr) or not 0 < self.lr < math.inf):
@@ -156,6 +176,15 @@ class FinetuneConfig:
   def identity(self) -> dict[str, Any]:
     """The fields that must match for a resume (everything but the output path)."""
     return {k: v for k, v in dataclasses.asdict(self).items() if k != "output"}
+
+
+def default_dtype(backend: str) -> str:
+  """The parameter and compute dtype of a job that names none: float32 on CPU, bfloat16 on accelerators.
+
+  >>> default_dtype('cpu'), default_dtype('gpu'), default_dtype('tpu')
+  ('float32', 'bfloat16', 'bfloat16')
+  """
+  return "float32" if backend == "cpu" else "bfloat16"
 
 
 def _is_int(x: Any) -> bool:

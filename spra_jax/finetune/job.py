@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -45,6 +46,13 @@ def _select_rules(config: FinetuneConfig, preset_rules: Mapping[str, Any]) -> di
     if getattr(config, name) is not None:
       rules[name] = getattr(config, name)
   return rules
+
+
+def _cast_params(model: nnx.Module, dtype: str) -> None:
+  """Casts a model's floating-point parameters to ``dtype`` in place (a model the caller built; its compute dtype is its own)."""
+  params = nnx.state(model, nnx.Param)
+  nnx.update(model, jax.tree.map(
+      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype else x, params))
 
 
 class Job:
@@ -82,9 +90,13 @@ class Job:
 
       task = "sequence-classification" if self.task == "classification" else "causal-lm"
       print(f"loading model {config.model}", flush=True)  # the tests look for this line to tell checks from loads
-      model, tokenizer = models.from_pretrained(config.model, task=task, num_labels=self.num_labels, seed=config.seed)
+      model, tokenizer = models.from_pretrained(config.model, task=task, num_labels=self.num_labels, seed=config.seed,
+                                                dtype=config.compute_dtype or "float32",
+                                                param_dtype=config.param_dtype or "float32")
       if preset_rules is None and config.preset:
         preset_rules = models.presets.get(config.preset, models.model_type(model), task=task)
+    elif config.param_dtype is not None:
+      _cast_params(model, config.param_dtype)
     if tokenizer is None:
       raise ValueError("a tokenizer is needed with a model passed in directly")
     if tokenizer.pad_token_id is None:
@@ -96,7 +108,8 @@ class Job:
     if self.mesh is None and axes is not None:
       self.mesh = sharding_lib.make_mesh(**axes)
     if self.mesh is not None:
-      _check_batch_on_mesh(config.batch_size, self.mesh)
+      _check_batch_on_mesh(config.batch_size // config.grad_accum_steps, self.mesh,
+                           microbatches=config.grad_accum_steps)
     self.preset_rules = dict(preset_rules or {})
     self.arrays = {name: self._tokenize(split) for name, split in self.dataset.items()}
 
@@ -138,7 +151,7 @@ class Job:
     return recipes.prepare(self.model, c.method, tx=tx, task=self.task, rules=_select_rules(c, self.preset_rules),
                            density=c.density, distribution=c.distribution, seed=c.seed,
                            head=self.preset_rules.get("full"), lora_rank=c.lora_rank, lora_alpha=c.lora_alpha,
-                           mesh=self.mesh, partition_rules=partition_rules)
+                           mesh=self.mesh, partition_rules=partition_rules, microbatches=c.grad_accum_steps)
 
 
 
@@ -251,6 +264,9 @@ def finetune(
             "releasing it (the kernel released it)", flush=True)
     _prepare_output(out, config, resume=resume, overwrite=overwrite)
     print(f"learning rate {config.lr:g} ({checked.lr_source})", flush=True)
+    accum = f", {config.grad_accum_steps} microbatches per step" if config.grad_accum_steps > 1 else ""
+    print(f"precision: {config.param_dtype} weights, {config.compute_dtype} compute ({checked.dtype_source}){accum}",
+          flush=True)
     job = Job(config, model=model, tokenizer=tokenizer, preset_rules=preset_rules, dataset=checked.dataset,
               mesh=checked.mesh)
     return _train(job, out, resume=resume, progress=progress, t_start=t_start)
@@ -350,6 +366,8 @@ def _train(job: Job, out: pathlib.Path, *, resume: bool, progress: bool, t_start
       "validation": last_val,
       "method": config.method,
       "lr": config.lr,
+      "param_dtype": config.param_dtype,
+      "compute_dtype": config.compute_dtype,
       "trainable": run.trainable(state),
       "parameters": int(sum(x.size for x in jax.tree.leaves(nnx.state(job.model, nnx.Param)))),
       "opt_state_bytes": run.opt_state_bytes(state),

@@ -53,7 +53,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from spra_jax import checkpoint, masks, sharding
+from spra_jax import checkpoint, masks, precision, sharding
 from spra_jax.models import lora as lora_lib
 from spra_jax.recipes.losses import call_model
 from spra_jax.recipes.trainers import DenseTrainer, LeanTrainer
@@ -245,6 +245,7 @@ def prepare(
     keep_base: bool = False,
     trainer: Trainer | None = None,
     call: Callable = call_model,
+    microbatches: int = 1,
 ) -> Run:
   """Binds ``method`` to ``model``: the mask or LoRA factors, the split, the trainer.
 
@@ -276,6 +277,16 @@ def prepare(
     trainer: a trainer of the right kind built earlier for a model of the
       same structure, to reuse its compilation (a study's runs share one).
     call: how a module is called on a batch.
+    microbatches: gradient accumulation: each step's batch runs as this many
+      microbatches (rows ``j, j + n, ...``) whose gradients are summed before
+      one optimizer update, so a large effective batch fits in memory.
+
+  Mixed precision follows the model's parameter dtype: with weights narrower
+  than float32 (``param_dtype=jnp.bfloat16``), SpaRTA and head-only write the
+  trained entries as ``round(base + delta)`` from float32 deltas, LoRA's
+  factors are float32 (``lora_param_dtype``), and full fine-tuning keeps
+  float32 optimizer moments (:func:`spra.precision.float32_state`; its bf16
+  weights still round each update). Losses and softmax are float32 in every case.
 
   Returns:
     A :class:`Run`.
@@ -299,7 +310,7 @@ def prepare(
     else:
       mask = head_mask(params, head)
     trainer = _check_trainer(trainer, LeanTrainer) or LeanTrainer(graphdef, tx, task=task, call=call,
-                                                                  sharded=mesh is not None)
+                                                                  sharded=mesh is not None, microbatches=microbatches)
     # Taken now, from the base weights: training moves them in place. O(k): only the mask's entries are read.
     fingerprint = checkpoint.base_fingerprint(params, mask)
     return Run(method, trainer, frozen, (_copy(params) if keep_base else params, mask), mask=mask,
@@ -308,15 +319,20 @@ def prepare(
   if method == "lora":
     if keep_base:  # a new module over the same arrays: adding LoRA layers to it leaves ``model`` as it was
       model = nnx.merge(*nnx.split(model))
+    # The factors are few: float32 even beside bf16 weights, so that their small updates are not rounded away.
     lora_lib.apply_lora(model, rank=lora_rank, alpha=2.0 * lora_rank if lora_alpha is None else lora_alpha,
-                        include=module_pattern(rules.get("include") or r"(kernel)$"), rngs=nnx.Rngs(seed))
+                        include=module_pattern(rules.get("include") or r"(kernel)$"), rngs=nnx.Rngs(seed),
+                        lora_param_dtype=jnp.float32)
     selected = lora_filter(head if task == "classification" else None)
   else:
     selected = nnx.Param
   if mesh is not None:
     place_on_mesh(model, mesh, partition_rules)
   graphdef, trainable, frozen = nnx.split(model, selected, ...)
-  trainer = _check_trainer(trainer, DenseTrainer) or DenseTrainer(graphdef, tx, task=task, call=call)
+  if any(precision.is_low_precision(x.dtype) for x in jax.tree.leaves(trainable)):
+    tx = precision.float32_state(tx)  # float32 moments over bf16 weights
+  trainer = _check_trainer(trainer, DenseTrainer) or DenseTrainer(graphdef, tx, task=task, call=call,
+                                                                  microbatches=microbatches)
   return Run(method, trainer, frozen, _copy(trainable) if keep_base else trainable)
 
 

@@ -42,7 +42,7 @@ import jax
 import optax
 from flax import nnx
 
-from spra_jax import sharding
+from spra_jax import microbatch, sharding
 from spra_jax.lean import LeanState, lean_step
 from spra_jax.masks import num_trainable
 from spra_jax.recipes.losses import call_model, loss_for, model_forward
@@ -72,6 +72,10 @@ class LeanTrainer:
     sharded: the parameters are laid out on a mesh: use
       :func:`spra.sharding.sharded_lean_step`, whose state keeps the
       parameters' shardings step after step.
+    microbatches: gradient accumulation: each step's batch runs as this many
+      microbatches whose compact gradients are summed (:mod:`spra.microbatch`).
+    masters: for weights narrower than float32, write the trained entries as
+      ``round(base + delta)`` (see :func:`spra.lean_step`).
 
   Attributes:
     loss_fn: ``loss_fn(params, frozen, batch)``, e.g. for
@@ -80,11 +84,14 @@ class LeanTrainer:
   """
 
   def __init__(self, graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *, task: str,
-               call: Callable = call_model, sharded: bool = False):
+               call: Callable = call_model, sharded: bool = False, microbatches: int = 1, masters: bool = True):
     self.forward = model_forward(graphdef, call)
     self.loss_fn = loss_for(task, self.forward)
     self.tx = tx
-    self._lean = (sharding.sharded_lean_step if sharded else lean_step)(self.loss_fn, tx)
+    self.microbatches = microbatch.check_microbatches(microbatches)
+    # The step's positional arguments are (frozen, batch): only the batch splits into microbatches.
+    options = dict(microbatches=self.microbatches, split_args=(1,), masters=masters)
+    self._lean = (sharding.sharded_lean_step if sharded else lean_step)(self.loss_fn, tx, **options)
     self._predict = jax.jit(self.forward)
 
   def init(self, params: Any, mask: Any) -> LeanState:
@@ -124,6 +131,8 @@ class DenseTrainer:
     tx: the Optax transformation.
     task: ``'classification'`` or ``'sft'``.
     call: how a module is called on a batch.
+    microbatches: gradient accumulation: each step's batch runs as this many
+      microbatches whose gradients are summed before one optimizer update.
 
   The state is ``(trainable, opt_state)``; each step donates it.
 
@@ -140,14 +149,16 @@ class DenseTrainer:
   """
 
   def __init__(self, graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *, task: str,
-               call: Callable = call_model):
+               call: Callable = call_model, microbatches: int = 1):
     self.forward = model_forward(graphdef, call)
     self.loss_fn = loss_for(task, self.forward)
     self.tx = tx
+    self.microbatches = microbatch.check_microbatches(microbatches)
 
     def step(state, frozen, batch):
       trainable, opt_state = state
-      value, grads = jax.value_and_grad(self.loss_fn)(trainable, frozen, batch)
+      value, grads = microbatch.accumulate(jax.value_and_grad(self.loss_fn), self.microbatches,
+                                           (trainable, frozen, batch), split=(2,))
       updates, opt_state = tx.update(grads, opt_state, trainable)
       return (optax.apply_updates(trainable, updates), opt_state), value
 

@@ -123,8 +123,16 @@ def sharded_lean_step(
     *,
     has_aux: bool = False,
     donate: bool = True,
+    masters: bool = True,
+    microbatches: int = 1,
+    split_args: Any = None,
 ) -> LeanStep:
   """The lean path (:func:`spra.lean_step`) on sharded parameters.
+
+  ``masters``, ``microbatches`` and ``split_args`` are :func:`spra.lean_step`'s
+  (low-precision writes, gradient accumulation). Each microbatch takes rows
+  ``j, j + n, ...`` of a batch split over devices along its rows, so every
+  device keeps its share of every microbatch.
 
   It is ``spra.lean_step(loss_fn, tx, state_shardings=...)`` with the state's
   shardings taken, by :meth:`~spra.LeanStep.init`, from the parameters given to
@@ -150,4 +158,5 @@ def sharded_lean_step(
     >>> float(jax.block_until_ready(loss))
     128.0
   """
-  return lean_step(loss_fn, tx, has_aux=has_aux, donate=donate, jit=True, state_shardings=_layout_of_params)
+  return lean_step(loss_fn, tx, has_aux=has_aux, donate=donate, jit=True, state_shardings=_layout_of_params,
+                   masters=masters, microbatches=microbatches, split_args=split_args)
