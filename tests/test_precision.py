@@ -194,3 +194,57 @@ def test_float_dtype_names_what_it_accepts():
   for bad in ("int8", "float64", "bf16x", None):
     with pytest.raises(ValueError, match=r"must be one of \['float32', 'bfloat16', 'float16'\]"):
       precision.float_dtype(bad, what="--param-dtype")
+
+
+def test_job_fine_tunes_a_tiny_llama_in_bf16_with_microbatches(tmp_path, tiny_llama_dir):
+  import json
+  import pathlib
+  import sys
+
+  from flax import nnx
+
+  from spra_jax.finetune import FinetuneConfig, finetune
+
+  sys.path.insert(0, str(pathlib.Path(__file__).parent))
+  from finetune_worker import write_reviews_csv
+
+  csv = tmp_path / "reviews.csv"
+  write_reviews_csv(csv)
+  cfg = FinetuneConfig(model=str(tiny_llama_dir), dataset=str(csv), method="spra", density=0.05, lr=1e-3, steps=4,
+                       batch_size=8, grad_accum_steps=2, max_length=16, eval_every=4, eval_examples=16,
+                       test_examples=16, checkpoint_every=2, param_dtype="bfloat16", compute_dtype="bfloat16",
+                       output=str(tmp_path / "run"))
+  results = finetune(cfg, progress=False)
+  out = pathlib.Path(cfg.output)
+  saved = json.loads((out / "config.json").read_text())
+  assert (saved["param_dtype"], saved["compute_dtype"], saved["grad_accum_steps"]) == ("bfloat16", "bfloat16", 2)
+  assert (results["param_dtype"], results["compute_dtype"]) == ("bfloat16", "bfloat16")
+  losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+            if json.loads(line)["split"] == "train"]
+  assert len(losses) == 4 and all(np.isfinite(losses))
+  # The adapter holds float32 values (the bf16 weights took round(base + delta)), and it fits the base loaded in
+  # bfloat16 and in float32 alike (the fingerprint is taken at bf16 precision).
+  for dtype in ("bfloat16", "float32"):
+    model, _ = spra.models.from_pretrained(tiny_llama_dir, task="sequence-classification", num_labels=2,
+                                           param_dtype=dtype, seed=cfg.seed)
+    base = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    delta = spra.load_adapter(out / "adapter", base_params=base)
+    values = jax.tree.leaves(delta.values)
+    assert all(v.dtype == jnp.float32 for v in values)
+    assert any(float(jnp.abs(v).max()) > 0 for v in values)
+
+
+def test_the_job_config_checks_its_precision_and_accumulation_fields():
+  from spra_jax.finetune import FinetuneConfig, validate
+
+  assert FinetuneConfig(param_dtype=jnp.bfloat16).param_dtype == "bfloat16"  # a dtype is stored by its name
+  with pytest.raises(ValueError, match=r"param_dtype must be one of \['float32', 'bfloat16', 'float16'\], got 'int8'"):
+    FinetuneConfig(param_dtype="int8")
+  with pytest.raises(ValueError, match="grad_accum_steps must be a positive integer"):
+    FinetuneConfig(grad_accum_steps=0)
+  with pytest.raises(ValueError, match="batch_size 30 must be a multiple of grad_accum_steps 4"):
+    FinetuneConfig(batch_size=30, grad_accum_steps=4)
+  # None resolves to the backend's default (float32 on this CPU), and validate says so.
+  checked = validate(FinetuneConfig(compute_dtype="bfloat16"))
+  assert (checked.config.param_dtype, checked.config.compute_dtype) == ("float32", "bfloat16")
+  assert checked.dtype_source == "given and the default on cpu"

@@ -259,7 +259,8 @@ def _materialise(model: nnx.Module, create: Any) -> list[str]:
 
   def init_pending():
     fresh = dict(nnx.to_flat_state(nnx.state(create())))
-    return [fresh[path].get_value() for path in paths]
+    # Cast to the dtype the model holds: ``create`` may initialise in float32 (see from_pretrained).
+    return [fresh[path].get_value().astype(var.get_value().dtype) for path, (_, var) in zip(paths, pending)]
 
   for (_, var), value in zip(pending, jax.jit(init_pending)()):
     var.set_value(value)
@@ -354,13 +355,15 @@ def from_pretrained(
     raise ValueError(f"model_type={model_type!r} supports tasks {module.TASKS}, got task={task!r}.")
   arch_config = module.config_from_hf(config)
 
-  def create() -> nnx.Module:
+  def create(param_dtype=param_dtype) -> nnx.Module:
     return module.build(arch_config, task=task, num_labels=num_labels, dtype=dtype, param_dtype=param_dtype,
                         rngs=nnx.Rngs(seed))
 
   model = nnx.eval_shape(create)
   left = module.load_weights(model, tensors, strict=strict)
-  initialised = _materialise(model, create)
+  # A new head is drawn in float32 and then rounded to param_dtype: one seed gives the same head (up to that
+  # rounding) in every dtype, so an adapter trained in bf16 fits the model loaded in float32 and the other way round.
+  initialised = _materialise(model, lambda: create(jnp.float32))
   if left:
     logger.info("%s: %d parameter(s) initialised randomly (not in the checkpoint): %s",
                 name_or_path, len(left), ", ".join(left))
