@@ -248,3 +248,42 @@ def test_the_job_config_checks_its_precision_and_accumulation_fields():
   checked = validate(FinetuneConfig(compute_dtype="bfloat16"))
   assert (checked.config.param_dtype, checked.config.compute_dtype) == ("float32", "bfloat16")
   assert checked.dtype_source == "given and the default on cpu"
+
+
+@pytest.mark.parametrize("method", ["spra", "head", "lora", "full"])
+def test_every_method_trains_bf16_weights_with_bf16_compute(method):
+  from flax import nnx
+
+  class Classifier(nnx.Module):
+    def __init__(self, rngs):
+      opts = dict(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=rngs)
+      self.body = nnx.Linear(16, 16, **opts)
+      self.classifier = nnx.Linear(16, 2, **opts)
+
+    def __call__(self, x, attention_mask=None):
+      return self.classifier(jnp.tanh(self.body(x)))
+
+  x = jax.random.normal(jax.random.key(0), (16, 16))
+  batch = {"input_ids": x, "attention_mask": None, "labels": (x[:, 0] > 0).astype(jnp.int32)}
+  run = spra.recipes.prepare(Classifier(nnx.Rngs(0)), method, tx=optax.adam(3e-2), task="classification",
+                             density=0.25, rules={"include": "body"}, microbatches=2)
+  state = run.init()
+  losses = []
+  for _ in range(8):
+    state, loss = run.step(state, batch)
+    assert loss.dtype == jnp.float32  # the loss is float32 over bf16 logits
+    losses.append(float(loss))
+  assert losses[-1] < losses[0]
+  state, predict = run.predictor(state)
+  assert predict(batch).dtype == jnp.bfloat16
+  weights = jax.tree.leaves(run.trained_variables(state))
+  if method in ("spra", "head"):
+    assert all(w.dtype == jnp.bfloat16 for w in weights) and state.base is not None
+    assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(state.delta.values))
+  else:
+    opt_state = state[1]
+    assert all(m.dtype == jnp.float32 for m in jax.tree.leaves(opt_state) if m.ndim)  # float32 moments
+  if method == "lora":
+    trained = run.trained_variables(state)
+    lora = [v for p, v in nnx.to_flat_state(trained) if "lora" in "/".join(map(str, p))]
+    assert lora and all(v.get_value().dtype == jnp.float32 for v in lora)
