@@ -119,8 +119,9 @@ class LeanTrainer:
     return num_trainable(state.delta.mask)
 
   def opt_state_bytes(self, state: LeanState) -> int:
-    """The compact optimizer state plus the indices that say where it belongs (the mask is the method's state)."""
-    return tree_bytes(state.opt_state) + tree_bytes(state.delta.mask)
+    """The compact optimizer state plus the indices that say where it belongs (the mask is the method's state),
+    and, for weights narrower than float32, the base values kept at the mask's entries (``LeanState.base``)."""
+    return tree_bytes(state.opt_state) + tree_bytes(state.delta.mask) + tree_bytes(state.base)
 
 
 class DenseTrainer:
