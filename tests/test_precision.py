@@ -89,8 +89,8 @@ def test_float32_params_are_unchanged_by_masters(params):
 
 def test_masked_state_bound_for_bf16_params_with_masters():
   """16 bytes per trained entry (indices, masters, two float32 moments) against dense AdamW's."""
-  params = {f"w{i}": jnp.zeros((256, 256), jnp.bfloat16) for i in range(3)}
-  total = 3 * 256 * 256
+  params = {f"w{i}": jnp.zeros((128, 128), jnp.bfloat16) for i in range(3)}
+  total = 3 * 128 * 128
   for density in (0.001, 0.01, 0.1):
     state = spra.masked(optax.adamw(1e-3), density=density, key=0).init(params)
     k = spra.num_trainable(spra.mask_of(state))
@@ -248,6 +248,22 @@ def test_the_job_config_checks_its_precision_and_accumulation_fields():
   checked = validate(FinetuneConfig(compute_dtype="bfloat16"))
   assert (checked.config.param_dtype, checked.config.compute_dtype) == ("float32", "bfloat16")
   assert checked.dtype_source == "given and the default on cpu"
+
+
+def test_a_backend_that_cannot_compute_in_a_dtype_is_refused_before_loading(monkeypatch):
+  from spra_jax.finetune import FinetuneConfig, checks
+
+  real_ones = checks.jnp.ones
+
+  def ones(shape, dtype=None):  # a backend without bf16 kernels fails on the first bf16 computation
+    if jnp.dtype(dtype) == jnp.bfloat16:
+      raise RuntimeError("UNIMPLEMENTED: bf16 dot")
+    return real_ones(shape, dtype)
+
+  monkeypatch.setattr(checks.jnp, "ones", ones)
+  with pytest.raises(ValueError, match=r"the cpu backend cannot compute in bfloat16 here \(RuntimeError: UNIMPLEMENTED"):
+    checks.validate(FinetuneConfig(param_dtype="bfloat16"))
+  checks.validate(FinetuneConfig(param_dtype="float32"))
 
 
 @pytest.mark.parametrize("method", ["spra", "head", "lora", "full"])
