@@ -177,10 +177,12 @@ def test_family_structure(family):
   assert (attn + "q_norm/scale" in paths) == (name in ("qwen3", "gemma3_text"))
   assert ("model/layers/0/pre_feedforward_layernorm/scale" in paths) == (name in ("gemma2", "gemma3_text"))
   assert not any(p.endswith("/bias") for p in paths)
-  sliding = [getattr(layer.self_attn, "sliding_window", None) is not None
-             for layer in reference.model.layers] if name not in ("mistral", "phi3") else [True, True]
-  if name == "gemma":
+  if name in ("mistral", "phi3"):  # every layer: their HF attention reads config.sliding_window
+    sliding = [True, True]
+  elif name == "gemma":  # no window at all
     sliding = [False, False]
+  else:
+    sliding = [layer.self_attn.sliding_window is not None for layer in reference.model.layers]
   assert list(cfg.sliding_layers) == sliding, (name, cfg.sliding_layers, sliding)
   assert spra.models.model_type(model) == name
   assert spra.models.partition.rules_for(name) is spra.models.partition.LLAMA_RULES

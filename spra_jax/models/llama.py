@@ -13,22 +13,22 @@ Attention scores and the softmax are computed in float32 whatever the compute
 dtype. The families differ by config switches of :class:`LlamaConfig`, which
 :func:`config_from_hf` sets from a Hugging Face config:
 
-=============  ===============================================================
-``llama``      the base layout (SwiGLU MLP, untied or tied head)
-``mistral``    sliding-window attention on every layer when ``sliding_window`` is set
-``qwen2``      Q/K/V biases; sliding window on layers ``>= max_window_layers``
-               when ``use_sliding_window``
-``qwen3``      QK-norm (RMSNorm over each head of Q and K), no biases
-``phi3``       fused ``qkv_proj`` / ``gate_up_proj`` in the checkpoint, split on
-               load into ``q_proj``/``k_proj``/``v_proj`` and ``gate_proj``/``up_proj``
-``gemma``      embeddings scaled by sqrt(hidden), RMSNorm ``x * (1 + w)``, GeGLU
-               (tanh-approximated GELU), tied head, free ``head_dim``
-``gemma2``     Gemma plus norms after attention and MLP, attention-logit and
-               final-logit soft-capping, alternating sliding/global layers,
-               query scale ``query_pre_attn_scalar ** -0.5``
-``gemma3_text``  Gemma 2 without soft-capping, plus QK-norm and a second RoPE
-               base for the sliding layers (``rope_local_base_freq``)
-=============  ===============================================================
+===============  =============================================================
+``llama``        the base layout (SwiGLU MLP, untied or tied head)
+``mistral``      sliding-window attention on every layer when ``sliding_window`` is set
+``qwen2``        Q/K/V biases; sliding window on layers ``>= max_window_layers``
+                 when ``use_sliding_window``
+``qwen3``        QK-norm (RMSNorm over each head of Q and K), no biases
+``phi3``         fused ``qkv_proj`` / ``gate_up_proj`` in the checkpoint, split on
+                 load into ``q_proj``/``k_proj``/``v_proj`` and ``gate_proj``/``up_proj``
+``gemma``        embeddings scaled by sqrt(hidden), RMSNorm ``x * (1 + w)``, GeGLU
+                 (tanh-approximated GELU), tied head, free ``head_dim``
+``gemma2``       Gemma plus norms after attention and MLP, attention-logit and
+                 final-logit soft-capping, alternating sliding/global layers,
+                 query scale ``query_pre_attn_scalar ** -0.5``
+``gemma3_text``  Gemma 2 without attention soft-capping, plus QK-norm and a second RoPE
+                 base for the sliding layers (``rope_local_base_freq``)
+===============  =============================================================
 
 Sliding-window attention follows transformers: on a sliding layer, the query
 in cache slot i sees the key slots j with ``i - window < j <= i``. The KV cache
