@@ -79,7 +79,8 @@ def test_config_model_and_dataset_errors_are_one_line_and_come_first(files, tmp_
                                "alias (minilm, smollm2-135m)"),
       (["--model", str(files / "missing")], f"error: model '{files / 'missing'}' is unknown: no such file or directory"),
       (["--model", str(files / "gpt2")], f"error: model '{files / 'gpt2'}' has model_type='gpt2'; the supported model "
-                                         "types are ['bert', 'llama', 'mistral', 'qwen2']"),
+                                         "types are ['bert', 'gemma', 'gemma2', 'gemma3_text', 'llama', "
+                                         "'mistral', 'phi3', 'qwen2', 'qwen3']"),
       (["--dataset", "no-such-data"], "error: unknown dataset 'no-such-data': it is not one of the shipped datasets"),
       (["--dataset", str(files / "none.csv")], f"error: dataset file '{files / 'none.csv'}' does not exist"),
       (["--dataset", str(files / "empty.csv")], f"error: dataset file '{files / 'empty.csv'}' is empty"),

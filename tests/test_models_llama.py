@@ -251,7 +251,7 @@ def test_unknown_architecture_lists_the_supported_ones(hf_dir, tmp_path):
   (tmp_path / "config.json").write_text(json.dumps(dict(config, model_type="falcon")))
   (tmp_path / "model.safetensors").symlink_to(folder / "model.safetensors")
   with pytest.raises(ValueError, match=r"unsupported architecture: model_type='falcon'. Supported model types: "
-                                       r".*llama, mistral, qwen2"):
+                                       r".*gemma, gemma2, gemma3_text, llama, mistral, phi3, qwen2, qwen3"):
     spra.models.from_pretrained(tmp_path)
 
 

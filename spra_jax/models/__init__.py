@@ -8,7 +8,8 @@ module names (``encoder/layer/3/attention/self/value/kernel``,
 address them with one regex and map back to PyTorch names.
 
 * :mod:`~spra_jax.models.bert`: BERT / MiniLM encoders and pooling.
-* ``spra_jax.models.llama``: Llama / Mistral / Qwen2 decoders (with
+* ``spra_jax.models.llama``: Llama / Mistral / Qwen2 / Qwen3 / Phi-3 /
+  Gemma 1-3 decoders (with
   ``gguf`` and ``generate``), imported on first use.
 * :mod:`~spra_jax.models.presets`: which leaves to sparsify, train fully or
   freeze (``paper``, ``all-linear``, ``mlp``, ``attention``).

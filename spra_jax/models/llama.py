@@ -1,4 +1,4 @@
-"""Llama-family decoders (Llama, Mistral, Qwen2) in Flax NNX, loadable from HF checkpoints and GGUF files.
+"""Decoder-only LMs (Llama, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3) in Flax NNX, loadable from HF checkpoints and GGUF.
 
 The module tree mirrors Hugging Face's ``LlamaForCausalLM`` names, so parameter
 paths read like the torch state dict: ``model/layers/3/self_attn/v_proj/kernel``
@@ -8,9 +8,34 @@ is ``model.layers.3.self_attn.v_proj.weight`` (transposed, since our kernels are
 has ``score/kernel`` (no bias).
 
 The layers are pre-RMSNorm, with rotate-half rotary embeddings (RoPE, optional
-``linear`` or ``llama3`` scaling), grouped-query attention and a SwiGLU MLP.
-Qwen2 adds biases to the Q/K/V projections. Attention scores and the softmax
-are computed in float32 whatever the compute dtype.
+``linear`` or ``llama3`` scaling), grouped-query attention and a gated MLP.
+Attention scores and the softmax are computed in float32 whatever the compute
+dtype. The families differ by config switches of :class:`LlamaConfig`, which
+:func:`config_from_hf` sets from a Hugging Face config:
+
+===============  =============================================================
+``llama``        the base layout (SwiGLU MLP, untied or tied head)
+``mistral``      sliding-window attention on every layer when ``sliding_window`` is set
+``qwen2``        Q/K/V biases; sliding window on layers ``>= max_window_layers``
+                 when ``use_sliding_window``
+``qwen3``        QK-norm (RMSNorm over each head of Q and K), no biases
+``phi3``         fused ``qkv_proj`` / ``gate_up_proj`` in the checkpoint, split on
+                 load into ``q_proj``/``k_proj``/``v_proj`` and ``gate_proj``/``up_proj``
+``gemma``        embeddings scaled by sqrt(hidden), RMSNorm ``x * (1 + w)``, GeGLU
+                 (tanh-approximated GELU), tied head, free ``head_dim``
+``gemma2``       Gemma plus norms after attention and MLP, attention-logit and
+                 final-logit soft-capping, alternating sliding/global layers,
+                 query scale ``query_pre_attn_scalar ** -0.5``
+``gemma3_text``  Gemma 2 without attention soft-capping, plus QK-norm and a second RoPE
+                 base for the sliding layers (``rope_local_base_freq``)
+===============  =============================================================
+
+Sliding-window attention follows transformers: on a sliding layer, the query
+in cache slot i sees the key slots j with ``i - window < j <= i``. The KV cache
+keeps every slot (a window shorter than the sequence only masks). Config fields
+that change the output and that this module does not compute (other RoPE types,
+partial rotary embeddings, bidirectional attention, ...) raise a ``ValueError``
+naming the field.
 
 Calling convention: ``model(input_ids, attention_mask=None, *, positions=None,
 cache=None)``. Without ``cache`` the call returns an array (hidden states,
@@ -52,6 +77,7 @@ from spra_jax.models._io import load_params, to_torch_layout, torch_name
 
 __all__ = [
     "MODEL_TYPES",
+    "LAYER_TYPES",
     "TASKS",
     "ROPE_TYPES",
     "LlamaConfig",
@@ -65,13 +91,17 @@ __all__ = [
     "LlamaForSequenceClassification",
     "config_from_hf",
     "rope_inv_freq",
+    "split_fused",
+    "fuse_split",
     "build",
     "load_weights",
     "torch_name",
     "to_torch_layout",
 ]
 
-MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2")
+MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text")
+# The attention kinds of ``LlamaConfig.layer_types`` (HF's names).
+LAYER_TYPES: tuple[str, ...] = ("full_attention", "sliding_attention")
 TASKS: tuple[str, ...] = ("causal-lm", "sequence-classification", "base")
 # RoPE variants this module computes (HF's ``rope_type`` names).
 ROPE_TYPES: tuple[str, ...] = ("default", "linear", "llama3")
@@ -95,9 +125,17 @@ class LlamaConfig:
   ``original_max_position_embeddings``). ``attention_bias`` puts biases on the
   Q/K/V projections (and on O for Llama/Mistral configs that set
   ``attention_bias``; Qwen2 has Q/K/V biases only, see ``o_proj_bias``).
-  ``sliding_window`` is recorded but **ignored**: attention is always full
-  causal, which equals sliding-window attention for sequences no longer than
-  the window (4096 for Mistral 7B).
+  ``sliding_window`` (tokens) applies to the layers whose ``layer_types``
+  entry is ``'sliding_attention'``; ``layer_types=None`` means every layer
+  when a window is set. The Gemma switches: ``scale_embeddings`` (multiply the
+  embeddings by sqrt(hidden_size)), ``norm_offset`` (RMSNorm multiplies by
+  ``norm_offset + w``: 1.0 for Gemma), ``sandwich_norms`` (Gemma 2/3's norms
+  after attention and around the MLP), ``qk_norm`` (RMSNorm on each query and
+  key head, Qwen3 and Gemma 3), ``query_pre_attn_scalar`` (scores scaled by
+  its inverse square root instead of ``head_dim``'s), ``attn_logit_softcapping``
+  and ``final_logit_softcapping`` (``cap * tanh(x / cap)`` on the attention
+  scores and on the LM logits) and ``local_rope_theta`` (the RoPE base of the
+  sliding layers, without scaling; None: the global RoPE everywhere).
 
   Example:
 
@@ -107,6 +145,9 @@ class LlamaConfig:
     Traceback (most recent call last):
     ...
     ValueError: unsupported rope_scaling type 'yarn'; supported: None, 'default', 'linear', 'llama3'.
+    >>> LlamaConfig(num_hidden_layers=3, sliding_window=8,
+    ...             layer_types=['sliding_attention', 'full_attention', 'sliding_attention']).sliding_layers
+    (True, False, True)
   """
 
   vocab_size: int = 32000
@@ -132,6 +173,15 @@ class LlamaConfig:
   eos_token_id: int | list[int] | None = None
   num_labels: int = 2
   model_type: str = "llama"
+  layer_types: tuple[str, ...] | list[str] | None = None
+  scale_embeddings: bool = False
+  norm_offset: float = 0.0
+  sandwich_norms: bool = False
+  qk_norm: bool = False
+  query_pre_attn_scalar: float | None = None
+  attn_logit_softcapping: float | None = None
+  final_logit_softcapping: float | None = None
+  local_rope_theta: float | None = None
 
   def __post_init__(self):
     if self.num_key_value_heads is None:
@@ -170,6 +220,31 @@ class LlamaConfig:
       object.__setattr__(self, "rope_scaling", None if kind == "default" else tuple(sorted(scaling.items())))
     if isinstance(self.eos_token_id, list):
       object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+    self._check_layer_types()
+    for name in ("attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar"):
+      value = getattr(self, name)
+      if value is not None and not value > 0:
+        raise ValueError(f"{name} must be positive or None, got {value!r}.")
+
+  def _check_layer_types(self) -> None:
+    if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
+      raise ValueError(f"sliding_window must be a positive int or None, got {self.sliding_window!r}.")
+    if self.layer_types is None:
+      return
+    kinds = tuple(self.layer_types)
+    if len(kinds) != self.num_hidden_layers or any(k not in LAYER_TYPES for k in kinds):
+      raise ValueError(f"layer_types must list one of {LAYER_TYPES} for each of the {self.num_hidden_layers} "
+                       f"layers, got {list(kinds)}.")
+    object.__setattr__(self, "layer_types", kinds)
+
+  @property
+  def sliding_layers(self) -> tuple[bool, ...]:
+    """Per layer, whether it attends within ``sliding_window`` only."""
+    if self.sliding_window is None:
+      return (False,) * self.num_hidden_layers
+    if self.layer_types is None:
+      return (True,) * self.num_hidden_layers
+    return tuple(k == "sliding_attention" for k in self.layer_types)
 
   @property
   def rope_type(self) -> str:
@@ -181,11 +256,69 @@ class LlamaConfig:
     return dict(self.rope_scaling or ())
 
 
+# Defaults of the HF config classes for keys a ``config.json`` may omit (when they differ from LlamaConfig's).
+_GEMMA_DEFAULTS = dict(tie_word_embeddings=True, head_dim=256, hidden_activation="gelu_pytorch_tanh")
+_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "qwen3": dict(head_dim=128),
+    "gemma": dict(_GEMMA_DEFAULTS, hidden_act="gelu_pytorch_tanh"),
+    "gemma2": dict(_GEMMA_DEFAULTS, query_pre_attn_scalar=256, sliding_window=4096, final_logit_softcapping=30.0,
+                   attn_logit_softcapping=50.0),
+    "gemma3_text": dict(_GEMMA_DEFAULTS, query_pre_attn_scalar=256, sliding_window=4096),
+}
+# The families whose window covers every layer (their HF attention ignores ``layer_types``).
+_WINDOW_ON_EVERY_LAYER = ("mistral", "phi3")
+
+
+def _rope_of(rope: dict[str, Any], theta: Any, max_positions: int) -> tuple[float, dict[str, Any] | None]:
+  """(theta, scaling dict or None) from one RoPE parameter dict, refusing partial rotary embeddings."""
+  rope = dict(rope)
+  theta = float(rope.pop("rope_theta", None) or theta or 10000.0)
+  partial = rope.pop("partial_rotary_factor", None) or 1.0
+  if partial != 1.0:
+    raise ValueError(f"partial rotary embeddings are not supported (partial_rotary_factor={partial}).")
+  kind = rope.get("rope_type", rope.get("type", "default"))
+  if kind == "default":
+    return theta, None
+  if kind == "llama3":
+    rope.setdefault("original_max_position_embeddings", max_positions)
+  return theta, rope
+
+
+def _layer_types(raw: dict[str, Any], model_type: str, layers: int, window: int | None) -> list[str] | None:
+  """Each layer's attention kind, as the family's HF attention decides it."""
+  if window is None or model_type in _WINDOW_ON_EVERY_LAYER:
+    return None
+  if raw.get("layer_types"):
+    return list(raw["layer_types"])
+  if model_type in ("qwen2", "qwen3"):
+    first = raw.get("max_window_layers", 28)
+    return ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
+  if model_type in ("gemma2", "gemma3_text"):
+    every = 2 if model_type == "gemma2" else int(raw.get("sliding_window_pattern") or 6)
+    return ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(layers)]
+  return None  # llama, gemma: HF's attention has no window, whatever the config says
+
+
+def _refuse_unsupported(raw: dict[str, Any], model_type: str) -> None:
+  """Raises for config fields that change the output and that this module does not compute."""
+  if raw.get("use_bidirectional_attention"):
+    raise ValueError(f"use_bidirectional_attention={raw['use_bidirectional_attention']!r} is not supported "
+                     "(these models attend causally).")
+  if model_type == "gemma3_text" and raw.get("attn_logit_softcapping") is not None:
+    # transformers' Gemma 3 attention does not apply it, so neither outcome would be what the config seems to ask.
+    raise ValueError(f"attn_logit_softcapping={raw['attn_logit_softcapping']!r} is not supported for gemma3_text "
+                     "(transformers' Gemma 3 ignores it); set it to null.")
+  if raw.get("layer_types") and any(k not in LAYER_TYPES for k in raw["layer_types"]):
+    raise ValueError(f"layer_types may hold {LAYER_TYPES} only, got {sorted(set(raw['layer_types']))}.")
+
+
 def config_from_hf(hf_config: Any) -> LlamaConfig:
   """Reads a :class:`LlamaConfig` from a transformers config or a ``config.json`` dict.
 
-  Both the transformers 5 ``rope_parameters`` dict and the older ``rope_theta``
-  + ``rope_scaling`` keys are understood. Qwen2 configs get Q/K/V biases.
+  Both the transformers 5 ``rope_parameters`` dict (per layer type for Gemma 3)
+  and the older ``rope_theta`` + ``rope_scaling`` (+ ``rope_local_base_freq``)
+  keys are understood. Each family gets its switches (see the module's table),
+  and keys a ``config.json`` omits take the HF config class's defaults.
 
   Args:
     hf_config: a ``transformers.PretrainedConfig`` or the plain dict of a
@@ -195,8 +328,9 @@ def config_from_hf(hf_config: Any) -> LlamaConfig:
     The config; ``num_labels`` comes from ``id2label`` when present.
 
   Raises:
-    ValueError: for another model type, partial rotary embeddings or an
-      unsupported RoPE scaling type.
+    ValueError: for another model type, or a field that changes the output
+      and is not supported (partial rotary embeddings, an unsupported RoPE
+      scaling type, bidirectional attention); the message names the field.
 
   Example:
 
@@ -206,29 +340,63 @@ def config_from_hf(hf_config: Any) -> LlamaConfig:
     (500000.0, None, 16)
     >>> config_from_hf({'model_type': 'qwen2', 'rope_theta': 1e6}).attention_bias
     True
+    >>> g = config_from_hf({'model_type': 'gemma2', 'num_hidden_layers': 4})
+    >>> g.sliding_layers, g.norm_offset, g.tie_word_embeddings, g.hidden_act
+    ((True, False, True, False), 1.0, True, 'gelu_pytorch_tanh')
+    >>> config_from_hf({'model_type': 'qwen2', 'sliding_window': 64, 'use_sliding_window': False}).sliding_window
+    >>> config_from_hf({'model_type': 'phi3', 'partial_rotary_factor': 0.75})
+    Traceback (most recent call last):
+    ...
+    ValueError: partial rotary embeddings are not supported (partial_rotary_factor=0.75).
   """
   raw = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)
   model_type = raw.get("model_type", "llama")
   if model_type not in MODEL_TYPES:
     raise ValueError(f"spra_jax.models.llama handles model types {MODEL_TYPES}, got {model_type!r}.")
+  raw = {**_FAMILY_DEFAULTS.get(model_type, {}), **raw}
+  _refuse_unsupported(raw, model_type)
+  max_positions = raw.get("max_position_embeddings", 2048)
   rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
-  theta = float(rope.pop("rope_theta", None) or raw.get("rope_theta") or 10000.0)
-  partial = rope.pop("partial_rotary_factor", raw.get("partial_rotary_factor")) or 1.0
-  if partial != 1.0:
-    raise ValueError(f"partial rotary embeddings are not supported (partial_rotary_factor={partial}).")
-  kind = rope.get("rope_type", rope.get("type", "default"))
-  scaling = None if kind == "default" else rope
-  if scaling is not None and kind == "llama3":
-    scaling.setdefault("original_max_position_embeddings", raw.get("max_position_embeddings", 2048))
+  local_theta = None
+  if model_type == "gemma3_text":
+    full = rope.get("full_attention", rope if "sliding_attention" not in rope else {})
+    local = rope.get("sliding_attention") or {"rope_theta": raw.get("rope_local_base_freq") or 10000.0}
+    local_theta, local_scaling = _rope_of(local, 10000.0, max_positions)
+    if local_scaling is not None:
+      raise ValueError(f"rope_parameters['sliding_attention'] must be plain RoPE, got {local_scaling}.")
+    theta, scaling = _rope_of(full, raw.get("rope_theta") or 1e6, max_positions)
+  else:
+    if "partial_rotary_factor" in raw:
+      rope.setdefault("partial_rotary_factor", raw["partial_rotary_factor"])
+    theta, scaling = _rope_of(rope, raw.get("rope_theta"), max_positions)
 
-  fields = {f.name for f in dataclasses.fields(LlamaConfig)} - {"rope_theta", "rope_scaling", "attention_bias",
-                                                                "sliding_window", "pad_token_id", "eos_token_id",
-                                                                "bos_token_id"}
+  gemma = model_type.startswith("gemma")
+  window = raw.get("sliding_window")
+  if model_type in ("qwen2", "qwen3") and not raw.get("use_sliding_window", False):
+    window = None
+  if model_type in ("llama", "gemma"):
+    window = None  # their HF attention has no window
+  activation = raw.get("hidden_activation") if model_type in ("gemma2", "gemma3_text") else raw.get("hidden_act")
+  if model_type == "gemma" and activation == "gelu":
+    activation = "gelu_pytorch_tanh"  # what transformers reads a legacy Gemma "gelu" as
+
+  fields = {f.name for f in dataclasses.fields(LlamaConfig)} - {
+      "rope_theta", "rope_scaling", "attention_bias", "sliding_window", "layer_types", "hidden_act",
+      "attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar", "model_type"}
   kwargs = {k: v for k, v in raw.items() if k in fields and v is not None}
-  kwargs.update(rope_theta=theta, rope_scaling=scaling, model_type=model_type,
-                attention_bias=bool(raw.get("attention_bias", model_type == "qwen2")),
-                sliding_window=raw.get("sliding_window"), pad_token_id=raw.get("pad_token_id"),
-                bos_token_id=raw.get("bos_token_id"), eos_token_id=raw.get("eos_token_id"))
+  kwargs.update(
+      rope_theta=theta, rope_scaling=scaling, model_type=model_type, sliding_window=window,
+      attention_bias=bool(raw.get("attention_bias", model_type == "qwen2")),
+      layer_types=_layer_types(raw, model_type, raw.get("num_hidden_layers", 32), window),
+      scale_embeddings=gemma, norm_offset=1.0 if gemma else 0.0, sandwich_norms=model_type in ("gemma2", "gemma3_text"),
+      qk_norm=model_type in ("qwen3", "gemma3_text"), local_rope_theta=local_theta,
+      query_pre_attn_scalar=raw.get("query_pre_attn_scalar") if gemma and model_type != "gemma" else None,
+      attn_logit_softcapping=raw.get("attn_logit_softcapping") if model_type == "gemma2" else None,
+      final_logit_softcapping=raw.get("final_logit_softcapping") if gemma else None)
+  if activation is not None:
+    kwargs["hidden_act"] = activation
+  for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+    kwargs[key] = raw.get(key)
   if raw.get("id2label"):
     kwargs["num_labels"] = len(raw["id2label"])
   return LlamaConfig(**kwargs)
@@ -239,13 +407,14 @@ def config_from_hf(hf_config: Any) -> LlamaConfig:
 # --------------------------------------------------------------------------
 
 
-def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
+def rope_inv_freq(config: LlamaConfig, *, local: bool = False) -> np.ndarray:
   """The rotary inverse frequencies [head_dim // 2] (float32), with the config's scaling applied.
 
   ``linear`` divides every frequency by ``factor``; ``llama3`` divides the low
   frequencies (wavelengths above ``original_max_position_embeddings /
   low_freq_factor``) by ``factor``, keeps the high ones and interpolates
-  smoothly between.
+  smoothly between. ``local=True`` gives the sliding layers' frequencies:
+  plain RoPE with base ``config.local_rope_theta`` when it is set.
 
   Example:
 
@@ -256,11 +425,16 @@ def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
     ...                   rope_scaling={'rope_type': 'linear', 'factor': 2.0})
     >>> [round(float(f), 4) for f in rope_inv_freq(lin)]
     [0.5, 0.1581, 0.05, 0.0158]
+    >>> two = dataclasses.replace(lin, local_rope_theta=10000.0)
+    >>> [round(float(f), 4) for f in rope_inv_freq(two, local=True)]
+    [1.0, 0.1, 0.01, 0.001]
   """
   dim = config.head_dim
-  inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))
+  local = local and config.local_rope_theta is not None
+  theta = config.local_rope_theta if local else config.rope_theta
+  inv_freq = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))
   inv_freq = inv_freq.astype(np.float32)
-  kind = config.rope_type
+  kind = "default" if local else config.rope_type
   if kind == "linear":
     inv_freq = inv_freq / np.float32(config.rope_scaling_dict["factor"])
   elif kind == "llama3":
@@ -345,7 +519,11 @@ def _linear(config: LlamaConfig, din: int, dout: int, *, use_bias: bool, dtype: 
 
 
 class RMSNorm(nnx.Module):
-  """``x / sqrt(mean(x²) + eps) * scale``, normalised in float32 (as HF's ``LlamaRMSNorm``).
+  """``x / sqrt(mean(x²) + eps) * (offset + scale)``, normalised in float32.
+
+  ``offset=0`` is HF's ``LlamaRMSNorm`` (the normalised value is cast to the
+  compute dtype, then scaled); ``offset=1`` is Gemma's (scaled by ``1 + w`` in
+  float32, then cast; the scale starts at zero).
 
   Example:
 
@@ -354,19 +532,34 @@ class RMSNorm(nnx.Module):
     >>> norm = RMSNorm(2, eps=0.0, rngs=nnx.Rngs(0))
     >>> [round(float(v), 4) for v in norm(jnp.array([[3.0, 4.0]]))[0]]
     [0.8485, 1.1314]
+    >>> gemma = RMSNorm(2, eps=0.0, offset=1.0, rngs=nnx.Rngs(0))
+    >>> float(gemma.scale[0]), [round(float(v), 4) for v in gemma(jnp.array([[3.0, 4.0]]))[0]]
+    (0.0, [0.8485, 1.1314])
   """
 
-  def __init__(self, dim: int, *, eps: float, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-               rngs: nnx.Rngs):
-    del rngs  # ones, no randomness
-    self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+  def __init__(self, dim: int, *, eps: float, offset: float = 0.0, dtype: Any = jnp.float32,
+               param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    del rngs  # constant init, no randomness
+    self.scale = nnx.Param(jnp.full((dim,), 1.0 - offset, param_dtype))
     self.eps = float(eps)
+    self.offset = float(offset)
     self.dtype = dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
     h = x.astype(jnp.float32)
     h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
+    if self.offset:
+      return (h * (self.offset + self.scale[...].astype(jnp.float32))).astype(self.dtype)
     return self.scale[...].astype(self.dtype) * h.astype(self.dtype)
+
+
+def _norm(config: LlamaConfig, dim: int, **kw: Any) -> RMSNorm:
+  return RMSNorm(dim, eps=config.rms_norm_eps, offset=config.norm_offset, **kw)
+
+
+def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
+  """``cap * tanh(x / cap)`` (Gemma 2's soft-capping), or ``x`` when ``cap`` is None."""
+  return x if cap is None else jnp.tanh(x / cap) * cap
 
 
 class LlamaAttention(nnx.Module):
@@ -379,7 +572,13 @@ class LlamaAttention(nnx.Module):
     self.k_proj = _linear(config, config.hidden_size, kv * d, use_bias=config.attention_bias, **kw)
     self.v_proj = _linear(config, config.hidden_size, kv * d, use_bias=config.attention_bias, **kw)
     self.o_proj = _linear(config, h * d, config.hidden_size, use_bias=config.o_proj_bias, **kw)
+    if config.qk_norm:
+      self.q_norm = _norm(config, d, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+      self.k_norm = _norm(config, d, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.num_heads, self.num_kv_heads, self.head_dim = h, kv, d
+    self.qk_norm = config.qk_norm
+    self.scaling = (config.query_pre_attn_scalar or d) ** -0.5
+    self.softcap = config.attn_logit_softcapping
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, allowed: jax.Array,
                kv: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | None = None,
@@ -390,6 +589,8 @@ class LlamaAttention(nnx.Module):
     q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim)
     k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
     v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
+    if self.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
     q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
     new_kv = None
     if kv is not None:
@@ -401,7 +602,7 @@ class LlamaAttention(nnx.Module):
     # Query head n reads key/value head n // groups (HF's repeat_kv order).
     q = q.reshape(b, s, self.num_kv_heads, groups, self.head_dim)
     scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32)
-    scores = scores.astype(jnp.float32) * (1.0 / math.sqrt(self.head_dim))
+    scores = _softcap(scores.astype(jnp.float32) * self.scaling, self.softcap)
     # Masked with the most negative float (not -inf): a row with no allowed key stays finite (uniform).
     scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
@@ -424,19 +625,40 @@ class LlamaMLP(nnx.Module):
 
 
 class LlamaDecoderLayer(nnx.Module):
-  """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+  """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``.
 
-  def __init__(self, config: LlamaConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+  With ``config.sandwich_norms`` (Gemma 2/3) the outputs are normalised too:
+  ``x + post_attention_layernorm(attn(input_layernorm(x)))``, then
+  ``x + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(x)))``.
+  ``sliding`` says whether the layer attends within the config's window.
+  """
+
+  def __init__(self, config: LlamaConfig, *, sliding: bool = False, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.self_attn = LlamaAttention(config, **kw)
     self.mlp = LlamaMLP(config, **kw)
-    self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, **kw)
-    self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, **kw)
+    self.input_layernorm = _norm(config, config.hidden_size, **kw)
+    self.post_attention_layernorm = _norm(config, config.hidden_size, **kw)
+    if config.sandwich_norms:
+      self.pre_feedforward_layernorm = _norm(config, config.hidden_size, **kw)
+      self.post_feedforward_layernorm = _norm(config, config.hidden_size, **kw)
+    self.sandwich = config.sandwich_norms
+    self.sliding = bool(sliding)
 
   def __call__(self, x, cos, sin, allowed, kv=None, index=None):
     h, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, allowed, kv, index)
-    x = x + h
-    return x + self.mlp(self.post_attention_layernorm(x)), new_kv
+    if not self.sandwich:
+      x = x + h
+      return x + self.mlp(self.post_attention_layernorm(x)), new_kv
+    x = x + self.post_attention_layernorm(h)
+    return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))), new_kv
+
+
+def _rope_tables(positions: jax.Array, inv_freq: tuple[float, ...]) -> tuple[jax.Array, jax.Array]:
+  """cos and sin [batch, seq, head_dim] of the rotary embedding at ``positions``, in float32."""
+  freqs = jnp.asarray(positions).astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
 
 
 def _check_ids(input_ids: jax.Array, attention_mask: Any, positions: Any) -> None:
@@ -470,9 +692,11 @@ class LlamaModel(nnx.Module):
     self.config = config
     self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype,
                                   embedding_init=nnx.initializers.normal(config.initializer_range), rngs=rngs)
-    self.layers = nnx.List([LlamaDecoderLayer(config, **kw) for _ in range(config.num_hidden_layers)])
-    self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, **kw)
-    self.inv_freq = tuple(float(f) for f in rope_inv_freq(config))  # static: a compile-time constant, no state
+    self.layers = nnx.List([LlamaDecoderLayer(config, sliding=sliding, **kw) for sliding in config.sliding_layers])
+    self.norm = _norm(config, config.hidden_size, **kw)
+    # Static: compile-time constants, no state. The sliding layers may have their own RoPE base (Gemma 3).
+    self.inv_freq = tuple(float(f) for f in rope_inv_freq(config))
+    self.local_inv_freq = tuple(float(f) for f in rope_inv_freq(config, local=True))
     self.dtype = dtype
 
   def init_cache(self, *, batch: int, max_length: int, dtype: Any = None) -> KVCache:
@@ -496,18 +720,26 @@ class LlamaModel(nnx.Module):
       t = cache.max_length
     if positions is None:
       positions = jnp.broadcast_to(start + jnp.arange(s, dtype=jnp.int32), (b, s))
-    freqs = jnp.asarray(positions).astype(jnp.float32)[..., None] * jnp.asarray(self.inv_freq, jnp.float32)
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
-    cos, sin = jnp.cos(emb), jnp.sin(emb)
-    # Query i (slot start+i) sees key slot j when j <= start+i and slot j holds a token.
-    causal = jnp.arange(t)[None, :] <= (start + jnp.arange(s))[:, None]
-    allowed = causal[None] & (key_mask[:, None, :] > 0)
+    rope = {False: _rope_tables(positions, self.inv_freq)}
+    rope[True] = rope[False] if self.local_inv_freq == self.inv_freq else _rope_tables(positions, self.local_inv_freq)
+    # Query i (slot start+i) sees key slot j when j <= start+i and slot j holds a token; on a sliding layer
+    # also j > start+i - window (transformers' rule, on slots: padding slots count towards the window).
+    query_slot, key_slot = (start + jnp.arange(s))[:, None], jnp.arange(t)[None, :]
+    allowed = {False: (key_slot <= query_slot)[None] & (key_mask[:, None, :] > 0)}
+    if self.config.sliding_window is not None:
+      allowed[True] = allowed[False] & (key_slot > query_slot - self.config.sliding_window)[None]
 
-    x = jnp.take(self.embed_tokens.embedding[...], input_ids, axis=0).astype(self.dtype)
+    table = self.embed_tokens.embedding[...]
+    x = jnp.take(table, input_ids, axis=0)
+    if self.config.scale_embeddings:
+      # In the table's dtype, as transformers does (sqrt(hidden) is rounded to bf16 for bf16 weights).
+      x = x * jnp.asarray(math.sqrt(self.config.hidden_size), table.dtype)
+    x = x.astype(self.dtype)
     new_keys, new_values = [], []
     for i, layer in enumerate(self.layers):
       kv = None if cache is None else (cache.keys[i], cache.values[i])
-      x, new_kv = layer(x, cos, sin, allowed, kv, start)
+      cos, sin = rope[layer.sliding]
+      x, new_kv = layer(x, cos, sin, allowed[layer.sliding], kv, start)
       if new_kv is not None:
         new_keys.append(new_kv[0])
         new_values.append(new_kv[1])
@@ -537,13 +769,13 @@ class LlamaForCausalLM(nnx.Module):
     return self.model.init_cache(batch=batch, max_length=max_length, dtype=dtype)
 
   def logits(self, hidden: jax.Array) -> jax.Array:
-    """The LM head on hidden states [..., hidden] -> float32 logits [..., vocab]."""
+    """The LM head on hidden states [..., hidden] -> float32 logits [..., vocab] (soft-capped for Gemma 2)."""
     if self.config.tie_word_embeddings:
       table = self.model.embed_tokens.embedding[...].astype(hidden.dtype)
       out = jnp.einsum("...d,vd->...v", hidden, table)
     else:
       out = self.lm_head(hidden)
-    return out.astype(jnp.float32)
+    return _softcap(out.astype(jnp.float32), self.config.final_logit_softcapping)
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                positions: jax.Array | None = None, cache: KVCache | None = None) -> Any:
@@ -644,6 +876,93 @@ def _candidates(name: str) -> list[str]:
   return names
 
 
+class _Rows:
+  """Rows ``start:stop`` of a checkpoint tensor, read lazily (one part of a fused projection)."""
+
+  def __init__(self, tensor: Any, start: int, stop: int):
+    self._tensor, self._start, self._stop = tensor, start, stop
+    self.shape = (stop - start, *tuple(tensor.shape)[1:])
+    self.dtype = np.dtype(getattr(tensor, "dtype", np.float32))
+
+  def __call__(self) -> np.ndarray:
+    whole = self._tensor() if callable(self._tensor) else np.asarray(self._tensor)
+    return np.ascontiguousarray(whole[self._start:self._stop])
+
+
+def _fused_parts(config: LlamaConfig) -> dict[str, list[tuple[str, int]]]:
+  """Phi-3's fused projections: suffix -> [(the part's own suffix, its rows)], in the fused order."""
+  q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+  return {"self_attn.qkv_proj.weight": [("self_attn.q_proj.weight", q), ("self_attn.k_proj.weight", kv),
+                                        ("self_attn.v_proj.weight", kv)],
+          "mlp.gate_up_proj.weight": [("mlp.gate_proj.weight", config.intermediate_size),
+                                      ("mlp.up_proj.weight", config.intermediate_size)]}
+
+
+def split_fused(tensors: Mapping[str, Any], config: LlamaConfig) -> dict[str, Any]:
+  """A Phi-3 checkpoint's tensors with ``qkv_proj`` and ``gate_up_proj`` split into the separate projections.
+
+  The parts stay lazy: each reads its rows of the fused tensor when called.
+  Other tensors (and checkpoints without fused tensors) pass through. A fused
+  tensor whose rows do not add up to the config's sizes is kept as it is, so
+  that loading reports it by name.
+
+  Example:
+
+    >>> import numpy as np
+    >>> c = LlamaConfig(hidden_size=4, intermediate_size=3, num_attention_heads=2, num_key_value_heads=1,
+    ...                 model_type='phi3')
+    >>> parts = split_fused({'model.layers.0.mlp.gate_up_proj.weight': np.arange(24.).reshape(6, 4)}, c)
+    >>> sorted(parts), parts['model.layers.0.mlp.up_proj.weight']()[:, 0].tolist()
+    (['model.layers.0.mlp.gate_proj.weight', 'model.layers.0.mlp.up_proj.weight'], [12.0, 16.0, 20.0])
+  """
+  out: dict[str, Any] = {}
+  parts_of = _fused_parts(config)
+  for name, tensor in tensors.items():
+    suffix = next((f for f in parts_of if name.endswith(f)), None)
+    rows = None if suffix is None else [n for _, n in parts_of[suffix]]
+    if rows is None or tuple(tensor.shape)[0] != sum(rows):
+      out[name] = tensor
+      continue
+    start = 0
+    for part, n in parts_of[suffix]:
+      out[name[:-len(suffix)] + part] = _Rows(tensor, start, start + n)
+      start += n
+  return out
+
+
+def fuse_split(tensors: Mapping[str, Any], config: LlamaConfig) -> dict[str, np.ndarray]:
+  """The inverse of :func:`split_fused`: torch-named tensors with Phi-3's fused ``qkv_proj`` / ``gate_up_proj``.
+
+  Use it on a merged model's state (our :func:`torch_name` names the split
+  projections) before writing a checkpoint for transformers' ``Phi3`` classes.
+
+  Example:
+
+    >>> import numpy as np
+    >>> c = LlamaConfig(hidden_size=4, intermediate_size=3, num_attention_heads=2, num_key_value_heads=1,
+    ...                 model_type='phi3')
+    >>> fused = {'model.layers.0.mlp.gate_up_proj.weight': np.arange(24.).reshape(6, 4)}
+    >>> back = fuse_split(split_fused(fused, c), c)
+    >>> list(back), bool((back['model.layers.0.mlp.gate_up_proj.weight'] == fused[list(fused)[0]]).all())
+    (['model.layers.0.mlp.gate_up_proj.weight'], True)
+  """
+  out = {k: v for k, v in tensors.items()}
+  for fused, parts in _fused_parts(config).items():
+    first = parts[0][0]
+    for name in [n for n in tensors if n.endswith(first)]:
+      prefix = name[:-len(first)]
+      names = [prefix + part for part, _ in parts]
+      if all(n in tensors for n in names):
+        arrays = [np.asarray(out.pop(n)() if callable(tensors[n]) else out.pop(n)) for n in names]
+        out[prefix + fused] = np.concatenate(arrays, axis=0)
+  return out
+
+
+def _model_config(model: nnx.Module) -> LlamaConfig | None:
+  config = getattr(model, "config", None)
+  return config if isinstance(config, LlamaConfig) else None
+
+
 def _flat_params(model: nnx.Module) -> list[tuple[str, nnx.Variable]]:
   return [("/".join(str(k) for k in path), var) for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))]
 
@@ -657,6 +976,8 @@ def load_weights(model: nnx.Module, tensors: Mapping[str, Any], *, strict: bool 
   largest first, so host memory holds at most one tensor beyond the model.
   Names match with or without the ``model.`` prefix. A tied model ignores a
   checkpoint's ``lm_head.weight``; tensors the model does not use are ignored.
+  Phi-3's fused ``qkv_proj`` and ``gate_up_proj`` are split on the way in
+  (:func:`split_fused`), so the model has separate Q/K/V and gate/up kernels.
 
   Args:
     model: a model from :func:`build`.
@@ -693,6 +1014,9 @@ def load_weights(model: nnx.Module, tensors: Mapping[str, Any], *, strict: bool 
     return " (a checkpoint without lm_head.weight usually has tie_word_embeddings=True)" \
         if "lm_head/kernel" in missing else ""
 
+  config = _model_config(model)
+  if config is not None and config.model_type == "phi3":
+    tensors = split_fused(tensors, config)
   return load_params(_flat_params(model), tensors, torch_name=torch_name, candidates=_candidates,
                      optional=_HEAD_PREFIXES, strict=strict, is_buffer=lambda name: name.endswith(_BUFFER_SUFFIXES),
                      hint=hint)

@@ -59,12 +59,11 @@ BERT_RULES: tuple[tuple[str, P], ...] = (
 # Both families' rules: their paths do not overlap, so one list lays out either.
 DEFAULT_RULES: tuple[tuple[str, P], ...] = LLAMA_RULES + BERT_RULES
 
-# HF model_type -> its rules. Mistral and Qwen2 are built by the Llama module, with the same paths.
+# HF model_type -> its rules. The decoders are built by the Llama module, with the same paths; their extra norms
+# (Gemma's pre/post-feedforward norms, the QK-norms) match the norm rule's ``norm/scale$`` and are replicated.
 FAMILIES: dict[str, tuple[tuple[str, P], ...]] = {
     "bert": BERT_RULES,
-    "llama": LLAMA_RULES,
-    "mistral": LLAMA_RULES,
-    "qwen2": LLAMA_RULES,
+    **{t: LLAMA_RULES for t in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text")},
 }
 
 
@@ -72,8 +71,9 @@ def rules_for(model_type: str) -> tuple[tuple[str, P], ...]:
   """The partition rules of a model family, by its Hugging Face ``model_type``.
 
   Args:
-    model_type: ``'bert'``, ``'llama'``, ``'mistral'`` or ``'qwen2'``, e.g.
-      ``spra.models.model_type(model)``.
+    model_type: ``'bert'`` or a decoder's (``'llama'``, ``'mistral'``,
+      ``'qwen2'``, ``'qwen3'``, ``'phi3'``, ``'gemma'``, ``'gemma2'``,
+      ``'gemma3_text'``), e.g. ``spra.models.model_type(model)``.
 
   Raises:
     ValueError: for a model type without rules; the message names the known ones.
@@ -85,7 +85,7 @@ def rules_for(model_type: str) -> tuple[tuple[str, P], ...]:
     >>> rules_for('gpt2')
     Traceback (most recent call last):
     ...
-    ValueError: no partition rules for model_type='gpt2'; rules cover 'bert', 'llama', 'mistral', 'qwen2'.
+    ValueError: no partition rules for model_type='gpt2'; rules cover 'bert', 'llama', 'mistral', 'qwen2', 'qwen3', 'phi3', 'gemma', 'gemma2', 'gemma3_text'.
   """
   if model_type not in FAMILIES:
     known = ", ".join(repr(t) for t in FAMILIES)

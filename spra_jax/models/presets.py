@@ -12,7 +12,7 @@ whole projections: a chosen projection's kernel and bias are both eligible.
 =============  ==========================================================
 
 In every preset the classification head (``classifier/`` for BERT, ``score/``
-for Llama-family models) trains fully, and embeddings and norms stay frozen,
+for the decoders) trains fully, and embeddings and norms stay frozen,
 as does anything else the preset does not name (e.g. a causal LM's
 ``lm_head``). Pass ``task='causal-lm'`` or ``'base'`` for models without a
 classification head, so that ``full`` is left out.
@@ -64,8 +64,17 @@ _LLAMA = {
     "head": r"^score/",
 }
 
-# HF model_type -> its pattern family.
-FAMILIES: dict[str, dict[str, str]] = {"bert": _BERT, "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA}
+# Gemma 2/3 norm the attention and MLP outputs too, and Qwen3 / Gemma 3 norm each query and key head.
+_LLAMA_MORE_NORMS = {**_LLAMA, "exclude": r"(^|/)(embed_tokens|norm|input_layernorm|post_attention_layernorm"
+                                          r"|pre_feedforward_layernorm|post_feedforward_layernorm|q_norm|k_norm)/"}
+
+# HF model_type -> its pattern family. Phi-3's fused qkv_proj / gate_up_proj are split on load
+# (spra_jax.models.llama.split_fused), so its presets name q/k/v and gate/up as Llama's do: ``paper`` is V and O.
+FAMILIES: dict[str, dict[str, str]] = {
+    "bert": _BERT, "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "phi3": _LLAMA,
+    "qwen3": _LLAMA_MORE_NORMS, "gemma": _LLAMA_MORE_NORMS, "gemma2": _LLAMA_MORE_NORMS,
+    "gemma3_text": _LLAMA_MORE_NORMS,
+}
 
 _HEADLESS_TASKS = ("base", "causal-lm")
 
@@ -87,7 +96,8 @@ def get(name: str, model_type: str, *, task: str | None = None) -> dict[str, str
   Args:
     name: one of :data:`PRESETS`.
     model_type: the HF model type (``'bert'``, ``'llama'``, ``'mistral'``,
-      ``'qwen2'``).
+      ``'qwen2'``, ``'qwen3'``, ``'phi3'``, ``'gemma'``, ``'gemma2'``,
+      ``'gemma3_text'``).
     task: the model's task. ``None`` or ``'sequence-classification'`` adds
       the head as ``full``; ``'base'`` and ``'causal-lm'`` have no such head
       (``sample_mask`` rejects a pattern that matches no leaf), so ``full`` is
