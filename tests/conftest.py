@@ -3,11 +3,31 @@
 import importlib.util
 import os
 import pathlib
+import shutil
 import sys
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+# One JAX compilation cache for the whole run, new each run (removed at its end): the process that loads this file
+# first (pytest itself, or xdist's controller) makes it, and every process started from there inherits it through
+# the environment: both xdist workers, the notebook kernels, the examples' and jobs' subprocesses (those that set a
+# cache of their own keep theirs). A program that one of them compiled (the same model initialisation, the same
+# small eager operation, the same step) is loaded by the others instead of compiled again. A size limit turns on
+# the cache's file lock, so that two processes never read an entry that another is still writing.
+_OWN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _OWN_CACHE = tempfile.mkdtemp(prefix="spra-jax-tests-jax-cache-")
+  os.environ.update(JAX_COMPILATION_CACHE_DIR=_OWN_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", JAX_COMPILATION_CACHE_MAX_SIZE=str(8 << 30))
+
+
+def pytest_unconfigure(config):
+  del config
+  if _OWN_CACHE is not None:
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 def pytest_ignore_collect(collection_path, config):
