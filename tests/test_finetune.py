@@ -1,7 +1,9 @@
-"""The fine-tuning job: every method trains, writes its outputs, resumes exactly, guards and locks its directory."""
+"""The fine-tuning job: every method trains, writes its outputs, resumes exactly (after Ctrl-C and after SIGKILL, at
+random moments too), guards and locks its directory."""
 
 import json
 import pathlib
+import random
 import re
 import shlex
 import signal
@@ -20,7 +22,8 @@ from spra_jax import finetune as finetune_lib
 from spra_jax.finetune import FinetuneConfig, finetune
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from finetune_worker import BagOfWords, Server, Worker, assert_same_run, write_reviews_csv  # noqa: E402
+import finetune_worker  # noqa: E402
+from finetune_worker import BagOfWords, Server, ServedRun, assert_same_run, write_reviews_csv  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -186,17 +189,25 @@ def test_resume_after_sigkill_is_exact_full(tmp_path, reviews_csv, server):
   assert_same_run(pathlib.Path(straight.output), pathlib.Path(killed.output), sparse=False)
 
 
-def test_lock_sigkill_and_ctrl_c_then_resume_is_exact(tmp_path, reviews_csv, tokenizer, server):
-  """One run: locked against a second job, SIGKILLed, resumed (taking the stale lock over), Ctrl-C'd, resumed."""
-  common = dict(method="spra", steps=30, eval_every=10, checkpoint_every=6)
-  straight = config(tmp_path / "a", reviews_csv, **common)
-  worker = server.start(straight)
-  assert worker.wait() == 0, worker.output()
+# The SpaRTA job that the two SIGKILL tests below interrupt, and its uninterrupted run (made once, for both).
+SPRA_30 = dict(method="spra", steps=30, eval_every=10, checkpoint_every=5)
 
-  cfg = config(tmp_path / "b", reviews_csv, **common)
+
+@pytest.fixture(scope="module")
+def straight_spra(tmp_path_factory, reviews_csv, server):
+  """The output directory of SPRA_30 run straight through."""
+  straight = config(tmp_path_factory.mktemp("straight"), reviews_csv, **SPRA_30)
+  worker = server.start(straight, env={"SPRA_WORKER_STEP_SLEEP": "0.05"})  # (the pause changes no number)
+  assert worker.wait() == 0, worker.output()
+  return pathlib.Path(straight.output)
+
+
+def test_lock_sigkill_and_ctrl_c_then_resume_is_exact(tmp_path, reviews_csv, tokenizer, server, straight_spra):
+  """One run: locked against a second job, SIGKILLed, resumed (taking the stale lock over), Ctrl-C'd, resumed."""
+  cfg = config(tmp_path / "b", reviews_csv, **SPRA_30)
   out = pathlib.Path(cfg.output)
   worker = server.start(cfg)
-  _wait_for(lambda: (out / "checkpoints" / "12").is_dir(), worker, "checkpoint 12")
+  _wait_for(lambda: (out / "checkpoints" / "10").is_dir(), worker, "checkpoint 10")
   worker.send_signal(signal.SIGSTOP)  # frozen where it is, still holding the lock
   # A second job on the same directory is refused at once, naming the holder.
   model = BagOfWords(tokenizer.vocab_size, 2, rngs=nnx.Rngs(0))
@@ -222,7 +233,111 @@ def test_lock_sigkill_and_ctrl_c_then_resume_is_exact(tmp_path, reviews_csv, tok
                     rf"{re.escape(str(out))}/checkpoints/\1; resume with: (.+ --resume)$", text, re.M)
   assert found, text
   assert (out / "checkpoints" / found.group(1)).is_dir()
-  # The printed command resumes the run (run as it is printed, in a new process), and the result is the straight run's.
-  worker = Worker(cfg, argv=shlex.split(found.group(2)))
+  # The printed command resumes the run, and the result is the straight run's. It names this interpreter and the
+  # worker script; its arguments run in a fork of the server (the same command line, without the imports again).
+  argv = shlex.split(found.group(2))
+  assert argv[:3] == [sys.executable, finetune_worker.__file__, "finetune"], argv
+  worker = ServedRun(server, cfg, argv[2:], None)
   assert worker.wait() == 0, worker.output()
-  assert_same_run(pathlib.Path(straight.output), out)
+  assert_same_run(straight_spra, out)
+
+
+# --------------------------------------------------------------------------
+# SIGKILL at random moments: the job is the bag-of-words worker, each run a fork of the module's server, with
+# compilations cached on disk.
+# --------------------------------------------------------------------------
+
+NUM_KILLS = 10
+SEED = 20
+STEP_SLEEP = "0.05"  # seconds per step, on top of the step itself
+# Where each kill aims, in turn. 'start-up' comes after a run has shown how long a start-up takes; 'training' kills
+# land within a few checkpoints of where the attempt resumed, so that the kills spread over the whole run.
+KINDS = ("training", "checkpoint save", "start-up", "training", "checkpoint save", "training", "checkpoint save",
+         "start-up", "training", "after training")
+TOTAL_STEPS, CHECKPOINT_EVERY = SPRA_30["steps"], SPRA_30["checkpoint_every"]
+TMP = ".orbax-checkpoint-tmp"  # how Orbax names a checkpoint it is still writing
+
+
+def _saving(out):
+  ckpt = out / "checkpoints"
+  return {p.name for p in ckpt.iterdir() if TMP in p.name} if ckpt.is_dir() else set()
+
+
+def _latest_checkpoint(out):
+  ckpt = out / "checkpoints"
+  return max([int(p.name) for p in ckpt.iterdir() if p.name.isdigit()], default=0) if ckpt.is_dir() else 0
+
+
+def _train_lines(out):
+  path = out / "metrics.jsonl"
+  return sum('"split": "train"' in x for x in path.read_text(errors="replace").splitlines()) if path.exists() else 0
+
+
+def _wait(worker, condition, timeout=240):
+  """Polls ``condition`` every few ms; False if the worker ended first."""
+  deadline = time.time() + timeout
+  while not condition():
+    if worker.poll() is not None:
+      return False
+    assert time.time() < deadline, "timed out: " + worker.output()[-3000:]
+    time.sleep(0.003)
+  return True
+
+
+def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path, reviews_csv, server, straight_spra):
+  """SPRA_30 killed with SIGKILL at seeded random moments, resumed each time, until it completes.
+
+  The result must be bit-identical to the uninterrupted run: the adapter's arrays, every line of metrics.jsonl (each
+  train step exactly once) and the results. The kills are spread over the job: during start-up (checks, the lock,
+  building the method, restoring, compiling), at random times during training, while a checkpoint is being written,
+  and after training (the test evaluation, the adapter save, the plot).
+  """
+  env = {"SPRA_WORKER_STEP_SLEEP": STEP_SLEEP}
+  t_begin = time.perf_counter()
+  cfg = config(tmp_path / "killed", reviews_csv, **SPRA_30)
+  out = pathlib.Path(cfg.output)
+  rng = random.Random(SEED)
+  kills, log, startups = [], [], []
+  while True:
+    start = _latest_checkpoint(out)  # where this attempt resumes from
+    worker = server.start(cfg, *(["--resume"] if kills else []), env=env)
+    if len(kills) == NUM_KILLS:
+      assert worker.wait() == 0, worker.output()
+      break
+    kind = KINDS[len(kills) % len(KINDS)]
+    before = _saving(out)
+    steps = lambda: worker.output().count("worker: step ")  # noqa: E731  (steps this attempt has done)
+    assert _wait(worker, lambda: "worker: ready" in worker.output()), worker.output()
+    t_ready = time.perf_counter()
+    if kind == "start-up":  # anywhere between the ready model and the first step: checks, lock, restore, compile
+      time.sleep(rng.uniform(0, min(startups)))
+    elif kind == "training":  # just after one of the next few steps, or during the step after it
+      target = min(rng.randint(1, 2 * CHECKPOINT_EVERY), TOTAL_STEPS - start)
+      if _wait(worker, lambda: steps() >= 1):
+        startups.append(time.perf_counter() - t_ready)
+      _wait(worker, lambda: steps() >= target)
+      time.sleep(rng.uniform(0, float(STEP_SLEEP)))
+    elif kind == "checkpoint save":  # a new save has begun (or, when none is left to do, training is over)
+      _wait(worker, lambda: bool(_saving(out) - before) or f"step {TOTAL_STEPS}: validation" in worker.output())
+      time.sleep(rng.uniform(0, 0.005))
+    else:  # after training: the test evaluation, the adapter, the plot, the results
+      _wait(worker, lambda: f"step {TOTAL_STEPS}: validation" in worker.output())
+      time.sleep(rng.uniform(0, 0.3))
+    if worker.poll() is None:
+      worker.kill()
+    status = worker.wait()
+    if status == -signal.SIGKILL:
+      kills.append(kind)
+      log.append(f"{kind}: killed after {steps()} steps of the attempt, checkpoint {_latest_checkpoint(out)} done"
+                 + (", mid-save" if _saving(out) - before else "")
+                 + ("" if (out / "config.json").exists() else ", before config.json"))
+    else:  # it finished before the kill landed: a completed run ends the test
+      assert status == 0, worker.output()
+      log.append(f"{kind}: completed before the kill")
+      break
+  print(f"\n{len(kills)} kills, {time.perf_counter() - t_begin:.0f} s in all:\n  " + "\n  ".join(log))
+
+  assert len(kills) == NUM_KILLS, log
+  assert any("mid-save" in line for line in log), log  # at least one kill landed while a checkpoint was written
+  assert_same_run(straight_spra, out)
+  assert json.loads((out / "results.json").read_text())["steps"] == TOTAL_STEPS

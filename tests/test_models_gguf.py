@@ -241,6 +241,7 @@ def test_smollm2_logits_match_transformers_gguf_loader(smollm):
     expected = reference(input_ids=torch.from_numpy(batch["input_ids"]).long(),
                          attention_mask=torch.from_numpy(batch["attention_mask"]).long()).logits.numpy()
   got = np.asarray(model(jnp.asarray(batch["input_ids"]), attention_mask=jnp.asarray(batch["attention_mask"])))
+  assert got.shape == (*batch["input_ids"].shape, 49152)  # (what the hub's alias test asserted of its own load)
   keep = batch["attention_mask"].astype(bool)
   diff = np.abs(got[keep] - expected[keep]).max()
   print(f"SmolLM2 logits vs transformers' GGUF loader: max abs diff {diff:.3g}")

@@ -12,6 +12,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -21,13 +22,21 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 FLAGS = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
 
 
-def run_on_8_devices(target: str) -> str:
-  """Runs ``pytest target`` (a path under tests/multidevice) with 8 CPU devices; returns its output."""
-  env = dict(os.environ, XLA_FLAGS=FLAGS, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-  proc = subprocess.run(
-      [sys.executable, "-m", "pytest", target, "-p", "no:cacheprovider", "-rs"],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
-  )
+def run_on_8_devices(target: str, *, compile_cache: bool = False) -> str:
+  """Runs ``pytest target`` (a path under tests/multidevice) with 8 CPU devices; returns its output.
+
+  ``compile_cache``: a compilation cache, new for each run, lets a test load a program an earlier test of the run
+  compiled (the same sharded lean step on the same mesh, say) instead of compiling it again.
+  """
+  with tempfile.TemporaryDirectory(prefix="jax-cache-") as cache:
+    env = dict(os.environ, XLA_FLAGS=FLAGS, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    if compile_cache:
+      env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", target, "-p", "no:cacheprovider", "-rs"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )
   output = proc.stdout + proc.stderr
   assert proc.returncode == 0, f"{target} failed (exit {proc.returncode}):\n{output[-12000:]}"
   assert " passed" in output and "skipped" not in output, output[-4000:]
@@ -35,4 +44,6 @@ def run_on_8_devices(target: str) -> str:
 
 
 def test_sharding_suite_passes_on_8_devices():
-  run_on_8_devices("tests/multidevice/test_sharding.py")
+  # (the cache: test_lean_step_with_explicit_shardings_equals_sharded_lean_step loads the 2x4 lean step of the
+  # parity test before it)
+  run_on_8_devices("tests/multidevice/test_sharding.py", compile_cache=True)
