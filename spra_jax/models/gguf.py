@@ -15,10 +15,16 @@
   the ``tokenizers`` library and wrapped in ``transformers.PreTrainedTokenizerFast``
   (special tokens, bos/eos/pad, chat template).
 
-Supported: architectures ``llama`` and ``qwen2`` (:data:`ARCHITECTURES`);
+Supported: architectures ``llama``, ``qwen2`` and ``gemma3`` (:data:`ARCHITECTURES`;
+Gemma 3's norm weights are stored as ``1 + w`` and read back as ``w``);
 byte-level BPE tokenizers (``tokenizer.ggml.model = gpt2``) with the
-pre-tokenizers in :data:`PRE_TOKENIZERS`. For another tokenizer kind the
-tokenizer is None (a log message says why) and the model still loads.
+pre-tokenizers in :data:`PRE_TOKENIZERS`, and SentencePiece vocabularies
+(``tokenizer.ggml.model = llama``: pieces with ``▁`` for spaces, merges
+implied by the pieces' ranks, byte fallback to ``<0xNN>``). For another
+tokenizer kind the tokenizer is None (a log message says why) and the model
+still loads. The metadata is read by a small reader of the GGUF layout (the
+``gguf`` package's own takes about 20 s on a 262k-token vocabulary); the
+``gguf`` package dequantises.
 
 Example (a tiny GGUF file written with ``gguf.GGUFWriter``):
 
