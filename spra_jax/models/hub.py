@@ -415,9 +415,9 @@ def from_pretrained(
   """Loads a pretrained checkpoint into a Flax NNX model, with its tokenizer.
 
   Args:
-    name_or_path: an alias (``'minilm'``, ``'smollm2-135m'``), a local HF
-      directory (or its ``.safetensors`` / index file), a ``.gguf`` file or a
-      Hugging Face Hub id.
+    name_or_path: an alias (``'minilm'``, ``'smollm2-135m'``,
+      ``'gemma3-270m'``), a local HF directory (or its ``.safetensors`` /
+      index file), a ``.gguf`` file or a Hugging Face Hub id.
     task: the head: ``'base'`` or ``'sequence-classification'`` (BERT),
       ``'causal-lm'``, ``'sequence-classification'`` or ``'base'`` (Llama).
       Default: sequence classification when the config's ``architectures``
