@@ -65,7 +65,8 @@ def parser() -> argparse.ArgumentParser:
                            description="Fine-tune a pretrained model with SpaRTA, LoRA, the head only, or fully.",
                            formatter_class=_HelpFormatter)
   add = ft.add_argument
-  add("--model", default=d.model, help="local checkpoint directory, .gguf file, hub id, or alias (minilm, smollm2-135m)")
+  add("--model", default=d.model,
+      help="local checkpoint directory, .gguf file, hub id, or alias (minilm, smollm2-135m, gemma3-270m)")
   add("--dataset", default=d.dataset,
       help="shipped dataset (rotten-tomatoes, tweets, jeopardy), local CSV/JSON/Parquet file or hub name")
   add("--task", choices=("classification", "sft"), default=None,

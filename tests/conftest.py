@@ -160,6 +160,7 @@ HEAVY_FIRST = (
     "tests/test_examples.py",
     "tests/test_step_cost_bench.py",
     "tests/test_models_gguf.py",
+    "tests/test_models_gguf_gemma3.py",
     "tests/test_checkpoint_train.py",
     "tests/test_checkpoint_interop.py",
     "tests/test_models_hub.py",

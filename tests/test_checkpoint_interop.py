@@ -124,7 +124,7 @@ def test_import_round_trip(llama, tmp_path):
   params = torch_to_ours(model.state_dict())
   mask = spra.sample_mask(3, params, density=0.1, include="proj", full="model/norm")
   delta = _random_delta(mask, 4)
-  export_peft_sparta(tmp_path, delta)
+  export_peft_sparta(tmp_path, delta, base_model="some/base")
   back = import_peft_sparta(tmp_path, jax.eval_shape(lambda: params))
   structure = lambda m: jax.tree.structure(m, is_leaf=spra.masks.is_leaf_mask)
   assert structure(back.mask) == structure(delta.mask)
@@ -143,8 +143,8 @@ def test_custom_layout_function_matches_default(tmp_path):
     a = np.asarray(a)
     return a.T if path.endswith("kernel") and a.ndim == 2 else a
 
-  export_peft_sparta(tmp_path / "a", delta)
-  export_peft_sparta(tmp_path / "b", delta, to_torch_layout=layout)
+  export_peft_sparta(tmp_path / "a", delta, base_model="some/base")
+  export_peft_sparta(tmp_path / "b", delta, base_model="some/base", to_torch_layout=layout)
   a = safetensors.numpy.load_file(tmp_path / "a" / "sparse_deltas.safetensors")
   b = safetensors.numpy.load_file(tmp_path / "b" / "sparse_deltas.safetensors")
   for k in a:
@@ -181,3 +181,106 @@ def test_export_merged_refuses_existing_directory(tmp_path):
     export_merged(tmp_path / "m", {"w": jnp.ones(2)}, config={})
   export_merged(tmp_path / "m", {"w": jnp.zeros(2)}, config={}, overwrite=True)
   np.testing.assert_array_equal(safetensors.numpy.load_file(tmp_path / "m" / "model.safetensors")["w"], np.zeros(2))
+
+
+# --------------------------------------------------------------------------
+# Sequence classifiers: the head's starting value, labels, new embedding rows, bases the package cannot load.
+# --------------------------------------------------------------------------
+
+
+def _classifier(folder, seed):
+  from flax import nnx
+
+  model, tokenizer = spra.models.from_pretrained(folder, task="sequence-classification", num_labels=3, seed=seed)
+  return model, tokenizer, nnx.state(model, nnx.Param)
+
+
+def _trained_classifier_delta(params):
+  rules = spra.models.presets.get("paper", "llama", task="sequence-classification")
+  mask = spra.sample_mask(0, params, density=0.05, **rules)
+  return _random_delta(mask, 7)
+
+
+def _logits(model, params, delta, ids):
+  from flax import nnx
+
+  nnx.update(model, spra.merge(params, delta))
+  try:
+    return np.asarray(model(jnp.asarray(ids)))
+  finally:
+    nnx.update(model, params)
+
+
+def test_classifier_adapter_carries_its_head_and_loads_in_the_package(tiny_llama_dir, tmp_path):
+  from spra_jax.models import llama
+
+  model, tokenizer, params = _classifier(tiny_llama_dir, seed=0)
+  delta = _trained_classifier_delta(params)
+  adapter = tmp_path / "adapter"
+  export_peft_sparta(adapter, delta, base_model=str(tiny_llama_dir), params=params,
+                     id2label={0: "neg", 1: "neu", 2: "pos"}, torch_name=llama.torch_name,
+                     to_torch_layout=llama.to_torch_layout)
+  cfg = json.loads((adapter / "config.json").read_text())
+  assert cfg["problem_type"] == "single_label_classification" and cfg["id2label"] == {"0": "neg", "1": "neu",
+                                                                                       "2": "pos"}
+  head0 = safetensors.numpy.load_file(adapter / "head_init.safetensors")["head"]
+  np.testing.assert_array_equal(head0, np.asarray(params["score"]["kernel"][...]).T)  # torch [labels, hidden]
+  saved = safetensors.numpy.load_file(adapter / "sparse_deltas.safetensors")
+  assert saved["deltas.score.weight"].shape == (3 * model.config.hidden_size,)
+
+  ids = np.asarray([tokenizer(t)["input_ids"] for t in ["a fine film", "a dull film", "so so film"]], np.int32)
+  ours = _logits(model, params, delta, ids)
+
+  # Another seed draws another head; the adapter's head_init puts the trained head back.
+  other, _, other_params = _classifier(tiny_llama_dir, seed=1)
+  back = import_peft_sparta(adapter, other_params, torch_name=llama.torch_name, to_torch_layout=llama.to_torch_layout)
+  np.testing.assert_allclose(_logits(other, other_params, back, ids), ours, atol=1e-5)
+  (adapter / "head_init.safetensors").rename(tmp_path / "aside.safetensors")
+  blind = import_peft_sparta(adapter, other_params, torch_name=llama.torch_name, to_torch_layout=llama.to_torch_layout)
+  assert np.abs(_logits(other, other_params, blind, ids) - ours).max() > 0.05  # what ignoring head_init costs
+  (tmp_path / "aside.safetensors").rename(adapter / "head_init.safetensors")
+
+  peft_sparta = pytest.importorskip("peft_sparta", reason="pip install --no-deps peft-sparta==0.0.3")
+  theirs = peft_sparta.SpaRTAforSequenceClassification(str(adapter))
+  with torch.no_grad():
+    got = theirs(torch.from_numpy(ids.astype(np.int64))).numpy()
+  np.testing.assert_allclose(got, ours, atol=0.05 * np.abs(ours).max() + 1e-3)  # it computes in bfloat16
+  assert theirs.decide_class(["a fine film"])[0] in {"neg", "neu", "pos"}
+
+
+def test_new_embedding_rows_start_from_their_init_file(tmp_path):
+  base_rows, hidden = 6, 4
+  params = {"model": {"embed_tokens": {"embedding": jnp.arange(8 * hidden, dtype=jnp.float32).reshape(8, hidden)}}}
+  mask = spra.masks.from_dense({"model": {"embed_tokens": {"embedding": jnp.zeros((8, hidden), bool).at[1, 2].set(
+      True).at[7, 0].set(True)}}})
+  delta = spra.init_delta(mask).replace(values={"model": {"embed_tokens": {"embedding": jnp.array([0.5, -1.0])}}})
+  export_peft_sparta(tmp_path, delta, base_model="some/base", params=params, base_vocab_size=base_rows)
+  rows = safetensors.numpy.load_file(tmp_path / "new_embeddings_init.safetensors")["new_embeddings"]
+  np.testing.assert_array_equal(rows, np.asarray(params["model"]["embed_tokens"]["embedding"][base_rows:]))
+  elsewhere = {"model": {"embed_tokens": {"embedding": params["model"]["embed_tokens"]["embedding"].at[6:].set(-9.0)}}}
+  back = import_peft_sparta(tmp_path, elsewhere)
+  merged = np.asarray(spra.merge(elsewhere, back)["model"]["embed_tokens"]["embedding"])
+  want = np.asarray(spra.merge(params, delta)["model"]["embed_tokens"]["embedding"])
+  np.testing.assert_allclose(merged, want, atol=1e-6)
+  assert back.mask["model"]["embed_tokens"]["embedding"].num_trainable == 1 + 2 * hidden  # (1, 2) + the new rows
+  with pytest.raises(ValueError, match="must hold that leaf's values"):
+    import_peft_sparta(tmp_path, jax.eval_shape(lambda: elsewhere))
+
+
+def test_export_refuses_what_the_package_cannot_load(tmp_path):
+  import spra_jax.models.hub  # noqa: F401  (its aliases are then known)
+
+  params = {"score": {"kernel": jnp.zeros((4, 2))}, "model": {"norm": {"scale": jnp.ones(4)}}}
+  delta = spra.init_delta(spra.sample_mask(0, params, density=0.5, full="score"))
+  for base, message in [(None, "needs base_model"), ("smollm2-135m", "alias of spra_jax.models"),
+                        (str(tmp_path / "m.gguf"), r"\.gguf file needs gguf_file")]:
+    with pytest.raises(ValueError, match=message):
+      export_peft_sparta(tmp_path / "a", delta, base_model=base, params=params)
+  with pytest.raises(ValueError, match=r"needs params= .* starting head"):
+    export_peft_sparta(tmp_path / "a", delta, base_model="some/base")
+  with pytest.raises(ValueError, match="id2label must name the head's 2 classes"):
+    export_peft_sparta(tmp_path / "a", delta, base_model="some/base", params=params, id2label={0: "only"})
+  with pytest.raises(ValueError, match="problem_type='single_label_classification' only"):
+    export_peft_sparta(tmp_path / "a", delta, base_model="some/base", params=params,
+                       config={"problem_type": "multi_label_classification"})
+  assert not (tmp_path / "a").exists()  # refused before writing anything

@@ -76,7 +76,7 @@ def test_config_model_and_dataset_errors_are_one_line_and_come_first(files, tmp_
                              "got 'nope'"),
       (["--include", "("], "error: include is not a valid regular expression (missing ), unterminated subpattern"),
       (["--model", "minilmm"], "error: model 'minilmm' is unknown: 'minilmm' is not a local file or directory, nor an "
-                               "alias (minilm, smollm2-135m)"),
+                               "alias (minilm, smollm2-135m, gemma3-270m)"),
       (["--model", str(files / "missing")], f"error: model '{files / 'missing'}' is unknown: no such file or directory"),
       (["--model", str(files / "gpt2")], f"error: model '{files / 'gpt2'}' has model_type='gpt2'; the supported model "
                                          "types are ['bert', 'gemma', 'gemma2', 'gemma3_text', 'llama', "

@@ -1,5 +1,6 @@
 """GGUF reading: the Q/K un-permute on synthetic files, and the real SmolLM2-135M-Instruct (Q4_1) end to end."""
 
+import dataclasses
 import time
 
 import gguf
@@ -247,3 +248,92 @@ def test_smollm2_logits_match_transformers_gguf_loader(smollm):
   print(f"SmolLM2 logits vs transformers' GGUF loader: max abs diff {diff:.3g}")
   assert diff < 1e-3, diff
   assert (got[keep].argmax(-1) == expected[keep].argmax(-1)).mean() == 1.0
+
+
+# --------------------------------------------------------------------------
+# A synthetic Gemma 3 file: its tensor names, the 1 + w norms and a SentencePiece vocabulary.
+# --------------------------------------------------------------------------
+
+_GEMMA3_GGUF_NAMES = {v: k for k, v in spra_gguf._ARCH_BLOCK_NAMES["gemma3"].items()}
+# Control tokens, a user-defined newline, the 256 byte tokens, pieces, and a run of two spaces stored as spaces.
+_SP_TOKENS = (["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "\n"]
+              + [f"<0x{b:02X}>" for b in range(256)]
+              + ["▁", "h", "e", "l", "o", "▁h", "▁he", "ll", "llo", "▁hello", "  "])
+_SP_TYPES = [3, 3, 3, 2, 3, 3, 4] + [6] * 256 + [1] * 10 + [4]
+
+
+def _write_gemma3_gguf(path, model, config):
+  writer = gguf.GGUFWriter(str(path), "gemma3")
+  for key, value in [("block_count", config.num_hidden_layers), ("embedding_length", config.hidden_size),
+                     ("feed_forward_length", config.intermediate_size),
+                     ("attention.head_count", config.num_attention_heads),
+                     ("attention.head_count_kv", config.num_key_value_heads),
+                     ("attention.key_length", config.head_dim), ("attention.value_length", config.head_dim),
+                     ("attention.sliding_window", config.sliding_window), ("context_length", 64)]:
+    writer.add_uint32(f"gemma3.{key}", value)
+  writer.add_float32("gemma3.attention.layer_norm_rms_epsilon", config.rms_norm_eps)
+  writer.add_float32("gemma3.rope.freq_base", config.rope_theta)
+  writer.add_tokenizer_model("llama")
+  writer.add_tokenizer_pre("default")
+  writer.add_token_list(_SP_TOKENS)
+  writer.add_token_scores([-float(i) for i in range(len(_SP_TOKENS))])
+  writer.add_token_types(_SP_TYPES)
+  writer.add_bos_token_id(2)
+  writer.add_eos_token_id(1)
+  writer.add_unk_token_id(3)
+  writer.add_pad_token_id(0)
+  writer.add_add_bos_token(True)
+  writer.add_add_space_prefix(False)
+  for parts, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    path_ = "/".join(str(p) for p in parts)
+    w = llama.to_torch_layout(path_, np.asarray(var.get_value(), np.float32))
+    name = llama.torch_name(path_)
+    if name.endswith("norm.weight"):
+      w = w + 1.0  # llama.cpp's converter stores Gemma's norms as 1 + w
+    if name.startswith("model.layers."):
+      i, rest = name[len("model.layers."):].split(".", 1)
+      module, leaf = rest.rsplit(".", 1)
+      gname = f"blk.{i}.{_GEMMA3_GGUF_NAMES[module]}.{leaf}"
+    else:
+      gname = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}[name]
+    writer.add_tensor(gname, w)
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+
+
+def test_synthetic_gemma3_gguf_loads_with_its_names_norms_and_sentencepiece_tokenizer(tmp_path):
+  config = llama.config_from_hf(dict(
+      model_type="gemma3_text", vocab_size=len(_SP_TOKENS), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+      num_attention_heads=2, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16, sliding_window=4,
+      rope_theta=1e6, rms_norm_eps=1e-6))
+  source = llama.build(config, task="causal-lm", rngs=nnx.Rngs(0))
+  state = nnx.state(source, nnx.Param)
+  leaves, treedef = jax.tree.flatten(state)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  nnx.update(source, jax.tree.unflatten(treedef, [0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]))
+  _write_gemma3_gguf(tmp_path / "gemma3.gguf", source, config)
+
+  model, tokenizer = spra.models.from_pretrained(tmp_path / "gemma3.gguf")
+  assert model.config == dataclasses.replace(config, max_position_embeddings=64, bos_token_id=2, eos_token_id=1,
+                                             pad_token_id=0, rms_norm_eps=float(np.float32(1e-6)))  # stored as f32
+  norm = model.model.layers[1].self_attn.q_norm.scale[...]
+  np.testing.assert_allclose(np.asarray(norm), np.asarray(source.model.layers[1].self_attn.q_norm.scale[...]),
+                             atol=1e-6)
+  ids = jnp.array([[2, 270, 5, 9, 300, 4, 1, 6]], jnp.int32)  # longer than the window of 4
+  np.testing.assert_allclose(np.asarray(_forward(model, ids)), np.asarray(_forward(source, ids)), atol=1e-5)
+
+  index = {t: i for i, t in enumerate(_SP_TOKENS)}
+  assert tokenizer("hello")["input_ids"] == [2, index["h"], index["e"], index["llo"]]  # no dummy prefix
+  assert tokenizer(" hello")["input_ids"] == [2, index["▁hello"]]
+  assert tokenizer("  hello")["input_ids"] == [2, index["▁"], index["▁hello"]]  # "▁h" ranks before "▁▁"
+  assert tokenizer("<start_of_turn>é\n")["input_ids"] == [2, 4, 7 + 0xC3, 7 + 0xA9, 6]  # byte fallback
+  assert tokenizer.decode(tokenizer(" hello é\n")["input_ids"], skip_special_tokens=True) == " hello é\n"
+  cases = ["hello", " hello", "  hello", "hello  hello\n\n", "<start_of_turn>é\n<end_of_turn>", "日本 🙂"]
+  ours = [tokenizer(c)["input_ids"] for c in cases]
+  pytest.importorskip("torch")  # transformers reads GGUF tokenizers with torch installed
+  from transformers import AutoTokenizer
+
+  theirs = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="gemma3.gguf")
+  assert ours == [theirs(c)["input_ids"] for c in cases]

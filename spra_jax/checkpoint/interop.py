@@ -26,6 +26,21 @@ coordinates in torch layout, row-major order; ``[0, ndim]`` for frozen
 parameters) and ``deltas.<name>`` (float32 ``[k]``), next to the model's
 ``config.json`` with ``sparta_pretrained_model`` naming the base. Its loaders
 apply an adapter as ``param[coords] = (param[coords].float() + delta).to(dtype)``.
+A sequence classifier's adapter also holds ``head_init.safetensors`` (key
+``head``: the randomly initialised ``score.weight`` the deltas start from, which
+no base checkpoint has) and, in ``config.json``, ``problem_type`` and
+``id2label``; the package's classifier loader rebuilds the head as
+``head_init + delta`` (the whole head trains) on a headless decoder. Rows a
+fine-tune added to the embeddings (new tokens) start from
+``new_embeddings_init.safetensors`` (key ``new_embeddings``).
+
+Which loader serves what: the package's ``SpaRTAforCausalLM`` loads any
+causal LM that ``AutoModelForCausalLM`` can load from ``sparta_pretrained_model``;
+``SpaRTAforSequenceClassification`` loads decoders whose head is named ``score``
+(Llama, Mistral, Qwen, Gemma, ...) with single-label classification only.
+Encoders (BERT's ``classifier``) and base models named by an alias of
+:mod:`spra_jax.models` or by a ``.gguf`` file have no loader there: use
+:func:`spra_jax.checkpoint.save_adapter` or :func:`export_merged` for them.
 
 Example:
 
@@ -51,6 +66,7 @@ import json
 import math
 import os
 import re
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -67,6 +83,8 @@ from spra_jax.delta import SparseDelta, merge
 from spra_jax.masks import FROZEN, FULL, LeafMask, is_leaf_mask, path_str
 
 __all__ = [
+  "HEAD_INIT_FILE",
+  "NEW_EMBEDDINGS_INIT_FILE",
   "SPARSE_DELTAS_FILE",
   "default_to_torch_layout",
   "default_torch_name",
@@ -76,6 +94,12 @@ __all__ = [
 ]
 
 SPARSE_DELTAS_FILE = "sparse_deltas.safetensors"
+HEAD_INIT_FILE = "head_init.safetensors"
+NEW_EMBEDDINGS_INIT_FILE = "new_embeddings_init.safetensors"
+# The names the package's classifier loader knows: the head, and the input embeddings that new tokens extend.
+_HEAD = "score.weight"
+_EMBEDDINGS_SUFFIX = "embed_tokens.weight"
+_PROBLEM_TYPE = "single_label_classification"
 
 
 # --------------------------------------------------------------------------
@@ -167,12 +191,61 @@ def _check_names(names: dict[str, str]) -> None:
     seen[name] = path
 
 
+def _check_base_model(base_model: Any) -> str:
+  """``base_model`` if the package's loaders can pass it to ``from_pretrained``, else a ValueError saying why not."""
+  if base_model is None:
+    raise ValueError("export_peft_sparta needs base_model: the package's loaders read the base model from "
+                     "config.json's sparta_pretrained_model (a Hugging Face Hub id or a local HF directory).")
+  text = os.fspath(base_model)
+  if not isinstance(text, str) or not text:
+    raise ValueError(f"base_model must be a Hub id or a local directory, got {base_model!r}.")
+  if text.endswith(".gguf") or Path(text).is_file():
+    raise ValueError(f"base_model={text!r} is a file; the package's loaders call from_pretrained on it, which "
+                     "needs a Hugging Face Hub id or a directory with config.json (a .gguf file needs gguf_file=, "
+                     "which they do not pass). Use save_adapter or export_merged for a GGUF base.")
+  # Aliases belong to spra_jax.models (a higher layer): consult its table only when the caller already loaded it.
+  hub = sys.modules.get("spra_jax.models.hub")
+  if hub is not None and text in getattr(hub, "ALIASES", {}) and not Path(text).exists():
+    raise ValueError(f"base_model={text!r} is an alias of spra_jax.models, which the package cannot resolve; pass "
+                     "the base's Hub id or a local HF directory instead.")
+  return text
+
+
+def _head_config(cfg: dict[str, Any], num_labels: int, id2label: Mapping[Any, str] | None) -> None:
+  """Sets the ``problem_type`` and ``id2label`` the package's classifier loader asserts on."""
+  problem = cfg.get("problem_type") or _PROBLEM_TYPE
+  if problem != _PROBLEM_TYPE:
+    raise ValueError(f"the package's classifier loader handles problem_type={_PROBLEM_TYPE!r} only; the config "
+                     f"says {problem!r}.")
+  labels = id2label if id2label is not None else cfg.get("id2label")
+  labels = {str(k): str(v) for k, v in dict(labels).items()} if labels else {
+      str(i): f"LABEL_{i}" for i in range(num_labels)}
+  if sorted(labels, key=int) != [str(i) for i in range(num_labels)]:
+    raise ValueError(f"id2label must name the head's {num_labels} classes 0..{num_labels - 1}, got keys "
+                     f"{sorted(labels)}.")
+  cfg.update(problem_type=problem, id2label=labels, label2id={v: int(k) for k, v in labels.items()},
+             num_labels=num_labels)
+
+
+def _leaf_of(names: dict[str, str], wanted: Callable[[str], bool]) -> str | None:
+  found = [path for path, name in names.items() if wanted(name)]
+  return found[0] if found else None
+
+
+def _save_one(path: Path, key: str, array: np.ndarray) -> None:
+  with _files.atomic_output(path, overwrite=True, directory=False) as tmp:
+    safetensors.numpy.save_file({key: np.ascontiguousarray(array, np.float32)}, str(tmp), metadata={"format": "pt"})
+
+
 def export_peft_sparta(
     directory: str | os.PathLike,
     delta: SparseDelta,
     *,
-    base_model: str | None = None,
+    base_model: str | os.PathLike | None,
     config: Mapping[str, Any] | None = None,
+    params: Any = None,
+    id2label: Mapping[Any, str] | None = None,
+    base_vocab_size: int | None = None,
     torch_name: Callable[[str], str] = default_torch_name,
     to_torch_layout: Callable[[str, Any], np.ndarray] = default_to_torch_layout,
 ) -> Path:
@@ -183,36 +256,93 @@ def export_peft_sparta(
   every coordinate for a fully trained leaf; none for a frozen one) and
   ``deltas.<torch name>`` (float32 ``[k]``, in the same order).
 
+  A sequence classifier (a leaf named ``score.weight``) also gets what the
+  package's classifier loader needs: ``head_init.safetensors`` (the head in
+  ``params``, where the delta starts), the head's delta over every entry
+  (zeros where it did not train; that loader requires the whole head), and
+  ``problem_type`` / ``id2label`` / ``num_labels`` in ``config.json``.
+
   Args:
     directory: the output directory (created; existing files of the same names
       are replaced, each atomically).
     delta: the delta to export.
-    base_model: the base's name or path, stored as ``sparta_pretrained_model``
-      (the package's loaders read the base from it).
-    config: the base model's Hugging Face config as a dict (the package writes
-      the model config there); ``{}`` if not given.
+    base_model: the base's Hugging Face Hub id or local HF directory, stored as
+      ``sparta_pretrained_model`` (the package's loaders call
+      ``from_pretrained`` on it). None, a file (``.gguf``) or an alias of
+      :mod:`spra_jax.models` are refused: the package could not load them.
+    config: the model's Hugging Face config as a dict (the package writes the
+      model config there); ``{}`` if not given.
+    params: the parameters the delta applies to (arrays); needed for a
+      classifier's head and for ``base_vocab_size``.
+    id2label: class names of a classifier (default: the config's, else ``LABEL_i``).
+    base_vocab_size: the base checkpoint's vocabulary size, when the fine-tune
+      added tokens: the embedding rows from it on are written to
+      ``new_embeddings_init.safetensors`` (the package appends them to the base).
     torch_name: our path -> torch parameter name.
     to_torch_layout: our array -> torch layout (a permutation of the entries).
 
   Returns:
     The path of the written ``sparse_deltas.safetensors``.
 
+  Raises:
+    ValueError: a base the package cannot load, a classifier without ``params``,
+      labels that do not fit the head, a ``problem_type`` other than single-label.
+
   Example: see the module docstring.
   """
   if not isinstance(delta, SparseDelta):
     raise TypeError(f"export_peft_sparta expects a SparseDelta, got {type(delta).__name__}.")
-  out_dir = _files.absolute(directory)
-  out_dir.mkdir(parents=True, exist_ok=True)
+  base = _check_base_model(base_model)
   flat, mask_def = jax.tree_util.tree_flatten_with_path(delta.mask, is_leaf=is_leaf_mask)
   values = mask_def.flatten_up_to(delta.values)
   names = {path_str(p): torch_name(path_str(p)) for p, _ in flat}
   _check_names(names)
+  head_path = _leaf_of(names, lambda n: n == _HEAD)
+  embed_path = _leaf_of(names, lambda n: n.endswith(_EMBEDDINGS_SUFFIX)) if base_vocab_size is not None else None
+  initial: dict[str, np.ndarray] = {}
+  if head_path is not None or embed_path is not None:
+    if params is None:
+      what = "a sequence classifier's starting head (head_init)" if head_path else "the new embedding rows"
+      raise ValueError(f"export_peft_sparta needs params= (the parameters the delta applies to) to write {what}; "
+                       "the package's loader cannot rebuild it otherwise.")
+    leaves = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    for path in (head_path, embed_path):
+      if path is not None:
+        if path not in leaves:
+          raise ValueError(f"params has no leaf {path!r} (the delta's {names[path]!r}).")
+        initial[path] = np.asarray(jax.device_get(leaves[path]), np.float32)
+  if base_vocab_size is not None and embed_path is None:
+    raise ValueError(f"base_vocab_size is set, but the delta has no leaf named '*{_EMBEDDINGS_SUFFIX}'.")
+
+  # Everything is checked before the directory is made: a refused export writes nothing.
+  cfg = dict(config or {})
+  starts: dict[str, tuple[str, str, np.ndarray]] = {}  # path -> (file, key, array in torch layout)
+  if head_path is not None:
+    head = _Layout(head_path, initial[head_path].shape, to_torch_layout).to_torch(initial[head_path])
+    _head_config(cfg, int(head.shape[0]), id2label)
+    starts[head_path] = (HEAD_INIT_FILE, "head", head)
+  if embed_path is not None:
+    rows = _Layout(embed_path, initial[embed_path].shape, to_torch_layout).to_torch(initial[embed_path])
+    if not 0 < base_vocab_size <= rows.shape[0]:
+      raise ValueError(f"base_vocab_size={base_vocab_size} does not fit the {rows.shape[0]} embedding rows.")
+    if base_vocab_size < rows.shape[0]:
+      starts[embed_path] = (NEW_EMBEDDINGS_INIT_FILE, "new_embeddings", rows[base_vocab_size:])
+
+  out_dir = _files.absolute(directory)
+  out_dir.mkdir(parents=True, exist_ok=True)
   tensors: dict[str, np.ndarray] = {}
   for (p, m), v in zip(flat, values):
     path = path_str(p)
     layout = _Layout(path, m.shape, to_torch_layout)
     name = names[path]
-    if m.kind == FROZEN:
+    if path == head_path and m.kind != FULL:
+      # The classifier loader adds the delta to head_init as a whole [labels, hidden] matrix.
+      dense = np.zeros(m.size, np.float32)
+      if m.kind != FROZEN:
+        dense[np.asarray(m.indices)] = np.asarray(v, np.float32)
+      deltas = layout.to_torch(dense.reshape(m.shape)).reshape(-1)
+      coords = _coords(np.arange(m.size), layout.torch_shape)
+    elif m.kind == FROZEN:
       coords = np.zeros((0, len(layout.torch_shape)), np.int32)
       deltas = np.zeros((0,), np.float32)
     elif m.kind == FULL:
@@ -225,13 +355,14 @@ def export_peft_sparta(
       deltas = np.asarray(v, np.float32)[order]
     tensors[f"indices.{name}"] = np.ascontiguousarray(coords)
     tensors[f"deltas.{name}"] = np.ascontiguousarray(deltas)
+  for name, key, array in starts.values():
+    _save_one(out_dir / name, key, array)
   target = out_dir / SPARSE_DELTAS_FILE
   with _files.atomic_output(target, overwrite=True, directory=False) as tmp:
     safetensors.numpy.save_file(tensors, str(tmp), metadata={"format": "pt"})
-  cfg = dict(config or {})
-  cfg["sparta_pretrained_model"] = base_model
+  cfg["sparta_pretrained_model"] = base
   with _files.atomic_output(out_dir / "config.json", overwrite=True, directory=False) as tmp:
-    _files.write_json(tmp, cfg)
+    _files.write_json(tmp, json.loads(json.dumps(cfg, default=str)))
   return target
 
 
@@ -260,10 +391,20 @@ def import_peft_sparta(
     or missing from the file frozen, the rest sparse (indices sorted, values
     float32 reordered to match).
 
+    Where the adapter says what a leaf started from (``head_init.safetensors``
+    for ``score.weight``, ``new_embeddings_init.safetensors`` for the rows
+    added to ``*embed_tokens.weight``), the delta is re-based onto
+    ``like_params``' own values of those entries: ``merge(like_params, delta)``
+    then holds ``start + the file's delta`` there (to float32 rounding),
+    whatever seed ``like_params``' head was drawn with. The new rows become
+    trained entries of the embedding leaf.
+
   Raises:
     FileNotFoundError: no ``sparse_deltas.safetensors``.
     ValueError: a torch name that maps to no leaf while carrying entries,
-      coordinates out of range or repeated, or indices/deltas of different lengths.
+      coordinates out of range or repeated, indices/deltas of different
+      lengths, or an init file that does not fit its leaf (or ``like_params``
+      holding shapes only for a leaf that has one: re-basing needs its values).
   """
   path_in = _files.absolute(directory)
   file = path_in if path_in.is_file() else path_in / SPARSE_DELTAS_FILE
@@ -334,9 +475,62 @@ def import_peft_sparta(
       masks[path], values[path] = LeafMask.full(shape), jnp.asarray(vals.reshape(shape))
     else:
       masks[path], values[path] = LeafMask.sparse(shape, jnp.asarray(ours.astype(np.int32))), jnp.asarray(vals)
+  leaves = {path_str(p): x for p, x in flat}
+  folder = file.parent
+  for init_file, key, wanted in [(HEAD_INIT_FILE, "head", lambda n: n == _HEAD),
+                                 (NEW_EMBEDDINGS_INIT_FILE, "new_embeddings", lambda n: n.endswith(_EMBEDDINGS_SUFFIX))]:
+    if not (folder / init_file).is_file():
+      continue
+    start = _read_init(folder / init_file, key)
+    path = next((lookup[n] for n in lookup if wanted(n) and lookup[n] in shapes), None)
+    if path is None:
+      raise ValueError(f"{folder / init_file} gives a starting {key!r}, but like_params has no leaf for it.")
+    masks[path], values[path] = _rebased(path, leaves[path], masks.get(path), values.get(path), start,
+                                         _Layout(path, shapes[path], to_torch_layout), folder / init_file)
   mask_leaves = [masks.get(p, LeafMask.frozen(shapes[p])) for p in paths]
   value_leaves = [values.get(p) for p in paths]
   return SparseDelta(treedef.unflatten(mask_leaves), treedef.unflatten(value_leaves))
+
+
+def _read_init(file: Path, key: str) -> np.ndarray:
+  try:
+    tensors = safetensors.numpy.load_file(str(file))
+  except Exception as e:  # safetensors raises its own error type for truncated files.
+    raise ValueError(f"{file} is truncated or corrupted: {e}") from e
+  if key not in tensors:
+    raise ValueError(f"{file} has the keys {sorted(tensors)}; expected {key!r}.")
+  return np.asarray(tensors[key], np.float64)
+
+
+def _rebased(path: str, current: Any, mask: LeafMask | None, vals: Any, start: np.ndarray, layout: _Layout,
+             file: Path) -> tuple[LeafMask, Any]:
+  """A leaf's mask and values such that merging onto ``current`` gives ``start + delta`` on ``start``'s rows."""
+  if isinstance(current, jax.ShapeDtypeStruct) or not hasattr(current, "dtype"):
+    raise ValueError(f"{file} gives the starting value of {path!r}; like_params must hold that leaf's values "
+                     "(not only its shape) to re-base the delta onto them.")
+  rows_total = layout.torch_shape[0]
+  if start.ndim != len(layout.torch_shape) or start.shape[1:] != layout.torch_shape[1:] or       start.shape[0] > rows_total:
+    raise ValueError(f"{file}: a starting value of shape {list(start.shape)} does not fit {path!r} "
+                     f"(torch shape {list(layout.torch_shape)}).")
+  first = (rows_total - start.shape[0]) * math.prod(layout.torch_shape[1:])  # init rows are the last ones
+  torch_flat = np.arange(first, layout.size, dtype=np.int64)
+  ours = layout.ours_flat(torch_flat)
+  dense_now = np.asarray(jax.device_get(current), np.float64).reshape(-1)
+  offset = start.reshape(-1) - dense_now[ours]  # start - current, on the entries the file initialises
+  if mask is None or mask.kind == FROZEN:
+    file_idx, file_vals = np.zeros(0, np.int64), np.zeros(0, np.float64)
+  elif mask.kind == FULL:
+    file_idx, file_vals = np.arange(layout.size), np.asarray(vals, np.float64).reshape(-1)
+  else:
+    file_idx, file_vals = np.asarray(mask.indices, np.int64), np.asarray(vals, np.float64)
+  union = np.union1d(file_idx, ours)
+  out = np.zeros(union.size, np.float64)
+  out[np.searchsorted(union, file_idx)] += file_vals
+  out[np.searchsorted(union, ours)] += offset
+  shape = tuple(int(d) for d in np.shape(current))
+  if union.size == layout.size:
+    return LeafMask.full(shape), jnp.asarray(out.astype(np.float32).reshape(shape))
+  return LeafMask.sparse(shape, jnp.asarray(union.astype(np.int32))), jnp.asarray(out.astype(np.float32))
 
 
 # --------------------------------------------------------------------------

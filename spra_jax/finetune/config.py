@@ -47,7 +47,7 @@ class FinetuneConfig:
 
   Attributes:
     model: a local checkpoint directory, a ``.gguf`` file, a hub id (online)
-      or an alias of a shipped model (``minilm``, ``smollm2-135m``).
+      or an alias of a shipped model (``minilm``, ``smollm2-135m``, ``gemma3-270m``).
     dataset: a shipped dataset (``rotten-tomatoes``, ``tweets``, ``jeopardy``),
       a local CSV / JSON / Parquet file or a hub dataset name.
     task: ``classification`` or ``sft``; by default ``sft`` when the dataset

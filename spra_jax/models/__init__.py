@@ -1,7 +1,7 @@
 """Flax NNX models that load real pretrained checkpoints.
 
 ``spra.models.from_pretrained(name_or_path)`` returns ``(model, tokenizer)`` for
-an alias (``minilm``, ``smollm2-135m``), a local Hugging Face directory, a
+an alias (``minilm``, ``smollm2-135m``, ``gemma3-270m``), a local Hugging Face directory, a
 ``.gguf`` file or (online) a Hub id. Parameter paths mirror the Hugging Face
 module names (``encoder/layer/3/attention/self/value/kernel``,
 ``model/layers/3/self_attn/v_proj/kernel``), so masks, presets and adapters

