@@ -24,15 +24,6 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
                     JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", JAX_COMPILATION_CACHE_MAX_SIZE=str(8 << 30))
 
 
-# XLA:CPU with LLVM's cheapest optimisation level: the programs here are tiny, so compiling them is most of the
-# suite's time, and level 0 compiles them about a third faster (measured on tests/test_delta.py: 51 s -> 35 s of
-# CPU). It changes how XLA's kernels are generated, not what they compute; every comparison in the suite is
-# between runs compiled with the same flags, and subprocesses inherit them. Set before anything imports JAX.
-FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS}".strip()
-
-
 def pytest_unconfigure(config):
   del config
   if _OWN_CACHE is not None:

@@ -19,7 +19,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Eight fake CPU devices. Optimisation level 0 of the CPU backend cuts compile
 # time (which dominates these tests on a small CPU machine) by about two thirds;
 # every parity test compares runs compiled with the same flags.
-FLAGS = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+FLAGS = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
 
 
 def run_on_8_devices(target: str, *, compile_cache: bool = False) -> str:
