@@ -160,19 +160,20 @@ def extract(tuned: Any, base: Any, mask: Any) -> SparseDelta:
   return SparseDelta(mask, compact.map_leaves(diff, mask, compact.gather(tuned, mask), compact.gather(base, mask)))
 
 
+def _add_leaf(m: LeafMask, x: Any, v: Any, sign: float = 1.0) -> Any:
+  """Leaf ``x`` plus ``sign`` x its compact values ``v`` at the mask's entries (summed in float32, rounded once)."""
+  if m.kind == FROZEN:
+    return x
+  acc = _accumulate_dtype(x.dtype)
+  if m.kind == FULL:
+    return (x.astype(acc) + sign * v.astype(acc)).astype(x.dtype)
+  new = (compact.take(x, m).astype(acc) + sign * v.astype(acc)).astype(x.dtype)
+  return compact.put(x, m, new)
+
+
 def _apply(base: Any, delta: SparseDelta, sign: float) -> Any:
   validate(delta.mask, base, check_indices=False)
-
-  def one(m: LeafMask, x: Any, v: Any):
-    if m.kind == FROZEN:
-      return x
-    acc = _accumulate_dtype(x.dtype)
-    if m.kind == FULL:
-      return (x.astype(acc) + sign * v.astype(acc)).astype(x.dtype)
-    new = (compact.take(x, m).astype(acc) + sign * v.astype(acc)).astype(x.dtype)
-    return compact.put(x, m, new)
-
-  return compact.map_leaves(one, delta.mask, base, delta.values)
+  return compact.map_leaves(lambda m, x, v: _add_leaf(m, x, v, sign), delta.mask, base, delta.values)
 
 
 def merge(base: Any, delta: SparseDelta) -> Any:
@@ -471,13 +472,9 @@ def apply_updates(params: Any, delta: SparseDelta, updates: Any, *, base: Any = 
     return merge(params, SparseDelta(delta.mask, updates)), delta.replace(values=new_values)
 
   def write(m: LeafMask, x: Any, v: Any, u: Any, b: Any):
-    if m.kind == FROZEN:
-      return x
+    if m.kind == FROZEN or b is None:  # no base kept for this leaf: add the update, as without a base
+      return _add_leaf(m, x, u)
     acc = _accumulate_dtype(x.dtype)
-    if b is None:  # add the update, as without a base
-      if m.kind == FULL:
-        return (x.astype(acc) + u.astype(acc)).astype(x.dtype)
-      return compact.put(x, m, (compact.take(x, m).astype(acc) + u.astype(acc)).astype(x.dtype))
     exact = (b.astype(acc) + v.astype(acc)).astype(x.dtype)  # base + delta, rounded once
     return exact if m.kind == FULL else compact.put(x, m, exact)
 

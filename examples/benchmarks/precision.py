@@ -61,6 +61,7 @@ from step_cost import (  # noqa: E402  (the benchmark next door: the same model 
     MASK_SEED,
     Runner,
     copy_tree,
+    dense_grad_runner,
     fmt_bytes,
     llama_model,
     lora_rank,
@@ -82,29 +83,13 @@ def full_runner(model, params) -> Runner:
   tx = optax.adamw(LEARNING_RATE)
   if spra.precision.is_low_precision(jax.tree.leaves(params)[0].dtype):
     tx = spra.precision.float32_state(tx)
-
-  def step(params, opt_state, *batch):
-    loss, grads = jax.value_and_grad(model.loss)(params, *batch)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  opt_state = tx.init(params)
   n = sum(x.size for x in jax.tree.leaves(params))
-  return Runner("full", jax.jit(step, donate_argnums=(0, 1)), (params, opt_state), model.batch, n,
-                tree_nbytes(opt_state))
+  return dense_grad_runner("full", model, tx, n, params=params)
 
 
 def masked_runner(model, params, mask) -> Runner:
   tx = spra.masked(optax.adamw(LEARNING_RATE), mask)
-
-  def step(params, opt_state, *batch):
-    loss, grads = jax.value_and_grad(model.loss)(params, *batch)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  opt_state = tx.init(params)
-  return Runner("spra masked", jax.jit(step, donate_argnums=(0, 1)), (params, opt_state), model.batch,
-                spra.num_trainable(mask), tree_nbytes(opt_state))
+  return dense_grad_runner("spra masked", model, tx, spra.num_trainable(mask), params=params)
 
 
 def lean_runner(model, params, mask) -> Runner:
@@ -144,10 +129,10 @@ def memory_table(small: bool, density: float) -> dict[str, dict[str, dict]]:
   out: dict[str, dict[str, dict]] = {}
   for dtype in DTYPES:
     params = cast_floats(model.params, jnp.dtype(dtype))
-    builders = {"full": lambda: full_runner(model, copy_tree(params)),
+    builders = {"full": lambda: full_runner(model, params),  # dense_grad_runner copies the weights it donates
                 "LoRA": lambda: lora_runner(model, params, mask),
                 "spra lean": lambda: lean_runner(model, copy_tree(params), mask),
-                "spra masked": lambda: masked_runner(model, copy_tree(params), mask)}
+                "spra masked": lambda: masked_runner(model, params, mask)}
     out[dtype] = {}
     for method in METHODS:
       runner = builders[method]()

@@ -328,15 +328,16 @@ class Runner:
     }
 
 
-def dense_grad_runner(method: str, model: Model, tx: optax.GradientTransformation, trainable: int) -> Runner:
-  """A step that differentiates all parameters densely, then runs ``tx``."""
+def dense_grad_runner(method: str, model: Model, tx: optax.GradientTransformation, trainable: int,
+                      params: Any = None) -> Runner:
+  """A step that differentiates all parameters densely, then runs ``tx`` (on a copy of ``params``, default the model's)."""
 
   def step(params, opt_state, *batch):
     loss, grads = jax.value_and_grad(model.loss)(params, *batch)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
-  params = copy_tree(model.params)
+  params = copy_tree(model.params if params is None else params)
   opt_state = tx.init(params)
   return Runner(method, jax.jit(step, donate_argnums=(0, 1)), (params, opt_state), model.batch, trainable,
                 tree_nbytes(opt_state))
