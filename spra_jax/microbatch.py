@@ -34,7 +34,15 @@ __all__ = ["check_microbatches", "microbatch", "accumulate"]
 
 
 def check_microbatches(n: Any) -> int:
-  """``n`` as a positive int, or a ValueError that names it."""
+  """``n`` as a positive int, or a ValueError that names it.
+
+  >>> check_microbatches(4)
+  4
+  >>> check_microbatches(0)
+  Traceback (most recent call last):
+  ...
+  ValueError: the number of microbatches (gradient accumulation steps) must be an int >= 1, got 0
+  """
   if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
     raise ValueError(f"the number of microbatches (gradient accumulation steps) must be an int >= 1, got {n!r}")
   return int(n)
@@ -74,6 +82,14 @@ def accumulate(value_and_grad_fn: Callable, n: int, args: Sequence[Any], *, spli
 
   Raises:
     ValueError: if a split argument's rows are not divisible by ``n``.
+
+  Example (the frozen weights, argument 0, are not split; the batch is):
+
+    >>> import jax, jax.numpy as jnp
+    >>> loss = lambda w, x: (x @ w).mean()
+    >>> value, grad = accumulate(jax.value_and_grad(loss), 4, (jnp.ones(2), jnp.ones((8, 2))), split=(1,))
+    >>> float(value), grad.tolist()
+    (2.0, [1.0, 1.0])
   """
   n = check_microbatches(n)
   if n == 1:

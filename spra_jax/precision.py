@@ -48,7 +48,11 @@ FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def is_low_precision(dtype: Any) -> bool:
-  """Whether ``dtype`` is a floating type narrower than float32 (bfloat16, float16, the float8 types)."""
+  """Whether ``dtype`` is a floating type narrower than float32 (bfloat16, float16, the float8 types).
+
+  >>> is_low_precision('bfloat16'), is_low_precision('float32'), is_low_precision('int8')
+  (True, False, False)
+  """
   dtype = jnp.dtype(dtype)
   return bool(jnp.issubdtype(dtype, jnp.floating)) and dtype.itemsize < 4
 
