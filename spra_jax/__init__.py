@@ -11,7 +11,7 @@ See ``spra.masked`` (the Optax transformation), ``spra.sample_mask`` and
 ``spra.masks`` (mask distributions), and ``spra.SparseDelta`` (adapters).
 """
 
-from spra_jax import checkpoint, compact, data, masks, metrics, microbatch, models, nnx, precision
+from spra_jax import checkpoint, compact, data, masks, metrics, microbatch, models, nnx, precision, sparse_backward
 from spra_jax.checkpoint import adapter_overlap, load_adapter, load_adapter_config, merge_adapters, save_adapter
 from spra_jax.delta import (
     SparseDelta,
@@ -70,6 +70,7 @@ __all__ = [
     "sample_mask",
     "save_adapter",
     "sharding",
+    "sparse_backward",
     "to_dense",
     "unmerge",
     "value_and_grad",

@@ -88,6 +88,9 @@ def parser() -> argparse.ArgumentParser:
   add("--max-length", type=int, default=d.max_length, help="tokens per example (truncated or padded)")
   add("--grad-accum-steps", type=int, default=d.grad_accum_steps,
       help="microbatches per step: gradients summed over batch-size / N rows at a time (same effective batch)")
+  add("--sparse-backward", choices=("auto", "sampled", "dense"), default=d.sparse_backward,
+      help="SpaRTA's weight gradients: only the k trained entries (sampled), the dense product then a gather "
+           "(dense), or per layer by a cost model (auto); the result is the same")
   add("--param-dtype", choices=FLOAT_DTYPES, default=None,
       help="the weights' dtype (default: float32 on CPU, bfloat16 on GPU and TPU); SpaRTA keeps float32 deltas")
   add("--compute-dtype", choices=FLOAT_DTYPES, default=None,
@@ -159,7 +162,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "spra-jax", **finetun
         distribution=args.distribution, preset=args.preset, include=args.include, exclude=args.exclude,
         full=args.full, lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, steps=args.steps,
         epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length, eval_every=args.eval_every,
-        grad_accum_steps=args.grad_accum_steps, param_dtype=args.param_dtype, compute_dtype=args.compute_dtype,
+        grad_accum_steps=args.grad_accum_steps,
+        sparse_backward=args.sparse_backward, param_dtype=args.param_dtype, compute_dtype=args.compute_dtype,
         eval_examples=args.eval_examples, test_examples=args.test_examples, checkpoint_every=args.checkpoint_every,
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, seed=args.seed, text_column=args.text_column,
         label_column=args.label_column, prompt_column=args.prompt_column, response_column=args.response_column,

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spra_jax import compact
+from spra_jax import compact, sparse_backward
 from spra_jax.masks import FROZEN, FULL, SPARSE, LeafMask, is_leaf_mask, num_trainable, path_str, validate
 
 __all__ = [
@@ -316,7 +316,7 @@ def _through_full_bwd(dtype_carrier, cotangent):
 _through_full.defvjp(_through_full_fwd, _through_full_bwd)
 
 
-def attach(params: Any, delta: SparseDelta) -> Any:
+def attach(params: Any, delta: SparseDelta, *, backward: sparse_backward.Backward | str | None = None) -> Any:
   """The weights for the forward pass, with gradients flowing to ``delta``.
 
   ``params`` must already hold the fine-tuned weights (base + delta), as
@@ -327,6 +327,14 @@ def attach(params: Any, delta: SparseDelta) -> Any:
   the whole gradient. Frozen leaves get no weight gradient at all. The backward
   pass therefore never holds more than one layer's dense weight gradient, and
   the optimizer sees only k values per leaf.
+
+  Where a sparse 2-D weight returned here is multiplied by
+  :func:`spra.sparse_backward.matmul` (every Linear layer of
+  ``spra_jax.models`` does so), the backward pass does not form that dense
+  gradient at all: it computes the k entries from the layer's input and
+  output cotangent (a sampled product, or the dense one where that is
+  cheaper; ``backward`` chooses, see :class:`spra.sparse_backward.Backward`).
+  Any other use of the weight takes the dense path above; both add up.
 
   Differentiate with :func:`grad` or :func:`value_and_grad` (or ``jax.grad``
   with ``allow_int=True``, since the delta carries its int32 indices).
@@ -350,8 +358,11 @@ def attach(params: Any, delta: SparseDelta) -> Any:
       return w
     if m.kind == FULL:
       return _through_full(w, v)
-    return _through_sparse(w, v, m.indices, m.blocks)
+    out = _through_sparse(w, v, m.indices, m.blocks)
+    sparse_backward.register(out, w, v, m, backward)
+    return out
 
+  backward = sparse_backward.as_backward(backward)
   return compact.map_leaves(one, delta.mask, params, delta.values)
 
 

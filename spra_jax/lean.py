@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from spra_jax import microbatch, precision
+from spra_jax import microbatch, precision, sparse_backward
 from spra_jax.delta import SparseDelta, apply_updates, attach, init_delta, value_and_grad
 from spra_jax.masks import validate
 
@@ -84,13 +84,14 @@ class LeanStep:
 
   def __init__(self, loss_fn: Callable, tx: optax.GradientTransformation, *, has_aux: bool, donate: bool, jit: bool,
                state_shardings: StateShardings | None = None, masters: bool = True, microbatches: int = 1,
-               split_args: Any = None):
+               split_args: Any = None, backward: sparse_backward.Backward | str | None = None):
     self.loss_fn = loss_fn
     self.tx = tx
     self.has_aux = has_aux
     self.masters = masters
     self.microbatches = microbatch.check_microbatches(microbatches)
     self.split_args = None if split_args is None else tuple(split_args)
+    self.backward = sparse_backward.as_backward(backward)
     self._jit = jit
     # A function is resolved by init, from the state it builds; a LeanState of shardings is used as given.
     self._shardings_of = state_shardings if callable(state_shardings) else None
@@ -161,7 +162,7 @@ class LeanStep:
     params, delta = apply_updates(state.params, state.delta, state.pending, base=state.base)
 
     def value_and_compact_grad(*batch):
-      out, grads = value_and_grad(lambda d: self.loss_fn(attach(params, d), *batch), has_aux=self.has_aux)(delta)
+      out, grads = value_and_grad(lambda d: self.loss_fn(attach(params, d, backward=self.backward), *batch), has_aux=self.has_aux)(delta)
       return out, grads.values  # the values only: the indices are not summed over microbatches
 
     out, grads = microbatch.accumulate(value_and_compact_grad, self.microbatches, batch, split=self.split_args,
@@ -214,6 +215,7 @@ def lean_step(
     masters: bool = True,
     microbatches: int = 1,
     split_args: Any = None,
+    backward: sparse_backward.Backward | str | None = None,
 ) -> LeanStep:
   """Builds the memory-lean SpaRTA training step.
 
@@ -255,6 +257,12 @@ def lean_step(
     split_args: which positional ``batch`` arguments of the step are split
       into microbatches (default: all); e.g. ``(1,)`` when argument 0 is a
       tree of frozen variables.
+    backward: how the weight gradients of sparse leaves multiplied by
+      :func:`spra.sparse_backward.matmul` (every Linear layer of
+      ``spra_jax.models``) are computed: ``'auto'`` (default: per leaf, by the
+      cost model of :class:`spra.sparse_backward.Backward`), ``'sampled'``
+      (only the k entries, never the dense product) or ``'dense'``; or a
+      ``Backward``. Other uses of the weights take the dense path.
 
   Returns:
     A :class:`LeanStep`: ``state = step.init(params, mask)``, then
@@ -284,4 +292,4 @@ def lean_step(
     True
   """
   return LeanStep(loss_fn, tx, has_aux=has_aux, donate=donate, jit=jit, state_shardings=state_shardings,
-                  masters=masters, microbatches=microbatches, split_args=split_args)
+                  masters=masters, microbatches=microbatches, split_args=split_args, backward=backward)

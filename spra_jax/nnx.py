@@ -91,12 +91,14 @@ class SparseAdapter(nnx.Module):
       :class:`spra.SparseDelta` whose values the weights already include
       (to resume).
     dtype: dtype of the delta values (float32 by default).
+    backward: how the sparse weight gradients are computed (see
+      :func:`spra.lean_step`; default ``'auto'``).
 
   Calling the adapter calls the model. :meth:`delta` returns the current
   :class:`spra.SparseDelta`, for saving or merging elsewhere.
   """
 
-  def __init__(self, model: nnx.Module, mask: Any, *, dtype: Any = jnp.float32):
+  def __init__(self, model: nnx.Module, mask: Any, *, dtype: Any = jnp.float32, backward: Any = None):
     delta = mask if isinstance(mask, SparseDelta) else init_delta(mask, dtype)
     validate(delta.mask, nnx.state(model, nnx.Param))
     indices, self._mask_def = jax.tree.flatten(delta.mask)
@@ -105,6 +107,7 @@ class SparseAdapter(nnx.Module):
     self.indices = nnx.List([DeltaIndices(i) for i in indices])
     self.values = nnx.List([DeltaValue(v) for v in values])
     self.applied = nnx.List([DeltaApplied(jnp.asarray(v)) for v in values])
+    self.backward = backward
 
   def delta(self) -> SparseDelta:
     """The current delta (indices and values)."""
@@ -126,5 +129,5 @@ class SparseAdapter(nnx.Module):
   def __call__(self, *args: Any, **kwargs: Any) -> Any:
     self.sync()
     graphdef, params, rest = nnx.split(self.model, nnx.Param, ...)
-    attached = attach(params, self.delta())
+    attached = attach(params, self.delta(), backward=self.backward)
     return nnx.merge(graphdef, attached, rest)(*args, **kwargs)

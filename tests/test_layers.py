@@ -16,7 +16,7 @@ LAYERS = (
     ("_version", "_torch_names"),
     ("masks",),
     ("compact", "microbatch"),
-    ("precision",),
+    ("precision", "sparse_backward"),
     ("transform",),
     ("delta",),
     ("lean", "nnx"),

@@ -69,6 +69,11 @@ class FinetuneConfig:
       ``batch_size / grad_accum_steps`` rows and sums their gradients before
       one update (compact gradients for SpaRTA): the effective batch is
       ``batch_size``, the activations those of one microbatch.
+    sparse_backward: how SpaRTA's weight gradients are computed: ``auto``
+      (per leaf, by :func:`spra.sparse_backward.choose`), ``sampled`` (only the
+      k entries) or ``dense``. It changes the cost, not the result (beyond
+      float rounding), so it is not part of :meth:`identity`: a run may resume
+      with another choice.
     param_dtype, compute_dtype: ``float32``, ``bfloat16`` or ``float16``: the
       weights' dtype and the dtype the model computes in (losses and softmax
       are float32 always). None: float32 on CPU, bfloat16 on GPU and TPU,
@@ -108,6 +113,7 @@ class FinetuneConfig:
   batch_size: int = 32
   max_length: int = 64
   grad_accum_steps: int = 1
+  sparse_backward: str = "auto"
   param_dtype: str | None = None
   compute_dtype: str | None = None
   eval_every: int = 100
@@ -140,6 +146,8 @@ class FinetuneConfig:
     for name in ("eval_examples", "test_examples"):
       if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
         raise ValueError(f"{name} must be an integer >= 0 (0 = all), got {getattr(self, name)!r}")
+    if self.sparse_backward not in ("auto", "sampled", "dense"):
+      raise ValueError(f"sparse_backward must be 'auto', 'sampled' or 'dense', got {self.sparse_backward!r}")
     if self.batch_size % self.grad_accum_steps:
       raise ValueError(f"batch_size {self.batch_size} must be a multiple of grad_accum_steps {self.grad_accum_steps} "
                        "(each step runs batch_size / grad_accum_steps rows at a time)")
@@ -174,8 +182,8 @@ class FinetuneConfig:
     parse_mesh(self.mesh)  # fails early on a malformed spec
 
   def identity(self) -> dict[str, Any]:
-    """The fields that must match for a resume (everything but the output path)."""
-    return {k: v for k, v in dataclasses.asdict(self).items() if k != "output"}
+    """The fields that must match for a resume (everything but the output path and ``sparse_backward``)."""
+    return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("output", "sparse_backward")}
 
 
 def default_dtype(backend: str) -> str:

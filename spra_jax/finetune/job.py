@@ -151,7 +151,8 @@ class Job:
     return recipes.prepare(self.model, c.method, tx=tx, task=self.task, rules=_select_rules(c, self.preset_rules),
                            density=c.density, distribution=c.distribution, seed=c.seed,
                            head=self.preset_rules.get("full"), lora_rank=c.lora_rank, lora_alpha=c.lora_alpha,
-                           mesh=self.mesh, partition_rules=partition_rules, microbatches=c.grad_accum_steps)
+                           mesh=self.mesh, partition_rules=partition_rules, microbatches=c.grad_accum_steps,
+                           backward=c.sparse_backward)
 
 
 

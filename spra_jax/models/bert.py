@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from spra_jax import sparse_backward
 from spra_jax.models._io import load_params, to_torch_layout, torch_name
 
 __all__ = [
@@ -158,7 +159,7 @@ def config_from_hf(hf_config: Any) -> BertConfig:
 
 
 def _linear(config: BertConfig, din: int, dout: int, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs) -> nnx.Linear:
-  return nnx.Linear(din, dout, dtype=dtype, param_dtype=param_dtype,
+  return sparse_backward.Linear(din, dout, dtype=dtype, param_dtype=param_dtype,
                     kernel_init=nnx.initializers.normal(config.initializer_range),
                     bias_init=nnx.initializers.zeros_init(), rngs=rngs)
 

@@ -73,6 +73,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from spra_jax import sparse_backward
 from spra_jax.models._io import load_params, to_torch_layout, torch_name
 
 __all__ = [
@@ -513,7 +514,7 @@ class KVCache:
 
 def _linear(config: LlamaConfig, din: int, dout: int, *, use_bias: bool, dtype: Any, param_dtype: Any,
             rngs: nnx.Rngs) -> nnx.Linear:
-  return nnx.Linear(din, dout, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+  return sparse_backward.Linear(din, dout, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
                     kernel_init=nnx.initializers.normal(config.initializer_range),
                     bias_init=nnx.initializers.zeros_init(), rngs=rngs)
 

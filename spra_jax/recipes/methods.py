@@ -246,6 +246,7 @@ def prepare(
     trainer: Trainer | None = None,
     call: Callable = call_model,
     microbatches: int = 1,
+    backward: Any = None,
 ) -> Run:
   """Binds ``method`` to ``model``: the mask or LoRA factors, the split, the trainer.
 
@@ -280,6 +281,9 @@ def prepare(
     microbatches: gradient accumulation: each step's batch runs as this many
       microbatches (rows ``j, j + n, ...``) whose gradients are summed before
       one optimizer update, so a large effective batch fits in memory.
+    backward: SpaRTA's and head-only's sparse weight gradients: ``'auto'``
+      (default), ``'sampled'``, ``'dense'`` or a
+      :class:`spra.sparse_backward.Backward` (see :func:`spra.lean_step`).
 
   Mixed precision follows the model's parameter dtype: with weights narrower
   than float32 (``param_dtype=jnp.bfloat16``), SpaRTA and head-only write the
@@ -310,7 +314,8 @@ def prepare(
     else:
       mask = head_mask(params, head)
     trainer = _check_trainer(trainer, LeanTrainer) or LeanTrainer(graphdef, tx, task=task, call=call,
-                                                                  sharded=mesh is not None, microbatches=microbatches)
+                                                                  sharded=mesh is not None, microbatches=microbatches,
+                                                                  backward=backward)
     # Taken now, from the base weights: training moves them in place. O(k): only the mask's entries are read.
     fingerprint = checkpoint.base_fingerprint(params, mask)
     return Run(method, trainer, frozen, (_copy(params) if keep_base else params, mask), mask=mask,

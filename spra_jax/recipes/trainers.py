@@ -76,6 +76,9 @@ class LeanTrainer:
       microbatches whose compact gradients are summed (:mod:`spra.microbatch`).
     masters: for weights narrower than float32, write the trained entries as
       ``round(base + delta)`` (see :func:`spra.lean_step`).
+    backward: how sparse weight gradients are computed (``'auto'``,
+      ``'sampled'``, ``'dense'`` or a :class:`spra.sparse_backward.Backward`;
+      see :func:`spra.lean_step`).
 
   Attributes:
     loss_fn: ``loss_fn(params, frozen, batch)``, e.g. for
@@ -84,13 +87,14 @@ class LeanTrainer:
   """
 
   def __init__(self, graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *, task: str,
-               call: Callable = call_model, sharded: bool = False, microbatches: int = 1, masters: bool = True):
+               call: Callable = call_model, sharded: bool = False, microbatches: int = 1, masters: bool = True,
+               backward: Any = None):
     self.forward = model_forward(graphdef, call)
     self.loss_fn = loss_for(task, self.forward)
     self.tx = tx
     self.microbatches = microbatch.check_microbatches(microbatches)
     # The step's positional arguments are (frozen, batch): only the batch splits into microbatches.
-    options = dict(microbatches=self.microbatches, split_args=(1,), masters=masters)
+    options = dict(microbatches=self.microbatches, split_args=(1,), masters=masters, backward=backward)
     self._lean = (sharding.sharded_lean_step if sharded else lean_step)(self.loss_fn, tx, **options)
     self._predict = jax.jit(self.forward)
 

@@ -126,11 +126,13 @@ def sharded_lean_step(
     masters: bool = True,
     microbatches: int = 1,
     split_args: Any = None,
+    backward: Any = None,
 ) -> LeanStep:
   """The lean path (:func:`spra.lean_step`) on sharded parameters.
 
-  ``masters``, ``microbatches`` and ``split_args`` are :func:`spra.lean_step`'s
-  (low-precision writes, gradient accumulation). Each microbatch takes rows
+  ``masters``, ``microbatches``, ``split_args`` and ``backward`` are
+  :func:`spra.lean_step`'s (low-precision writes, gradient accumulation, the
+  sparse weight gradients). Each microbatch takes rows
   ``j, j + n, ...`` of a batch split over devices along its rows, so every
   device keeps its share of every microbatch.
 
@@ -159,4 +161,4 @@ def sharded_lean_step(
     128.0
   """
   return lean_step(loss_fn, tx, has_aux=has_aux, donate=donate, jit=True, state_shardings=_layout_of_params,
-                   masters=masters, microbatches=microbatches, split_args=split_args)
+                   masters=masters, microbatches=microbatches, split_args=split_args, backward=backward)
