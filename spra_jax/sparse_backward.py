@@ -90,8 +90,9 @@ class Backward:
     min_size: weights with fewer entries always take the dense product (the
       saving cannot pay for the extra kernels).
     chunk_bytes: bound on the sampled product's temporaries (the gathered
-      ``[tokens, indices]`` operands of one chunk); None means the bytes of one
-      float32 copy of the weight, and at least 1 MiB.
+      ``[tokens, indices]`` operands of one chunk); None means a quarter of
+      the bytes of a float32 copy of the weight, and at least 1 MiB (about
+      the fastest on CPU, where a chunk then stays in cache).
     structured: look for whole-row and whole-column masks (see the module).
 
   Example:
@@ -160,7 +161,7 @@ def choose(shape: tuple[int, int], *, k: int, tokens: int, backward: Backward | 
 def _chunk_bytes(backward: Backward, shape: tuple[int, int]) -> int:
   if backward.chunk_bytes is not None:
     return int(backward.chunk_bytes)
-  return max(4 * math.prod(shape), 1 << 20)
+  return max(math.prod(shape), 1 << 20)  # a quarter of 4 bytes per entry
 
 
 def sampled_grad(x: jax.Array, dy: jax.Array, indices: jax.Array, out_features: int, *,
@@ -174,6 +175,10 @@ def sampled_grad(x: jax.Array, dy: jax.Array, indices: jax.Array, out_features: 
   tokens. Indices are processed in chunks (and tokens too, for very long
   batches) so that the two gathered operands of a chunk hold at most about
   ``chunk_bytes``.
+
+  NOTE: XLA's cost analysis counts the body of a loop once, so with more than
+  one chunk ``compiled.cost_analysis()['flops']`` undercounts this product
+  (its true count is ``2 T k``); compile with one chunk to count it.
 
   Example:
 

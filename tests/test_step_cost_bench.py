@@ -26,7 +26,9 @@ def test_step_cost_benchmark_small(tmp_path, capsys):
   printed = capsys.readouterr().out
 
   results = summary["results"]
-  assert set(results) == {"dense / all 4 kernels", "llama / paper", "llama / all-linear"}
+  assert set(results) == {"dense / all 4 kernels", "dense / all 4 kernels, 0.1 %", "llama / paper",
+                          "llama / all-linear"}
+  assert results["dense / all 4 kernels, 0.1 %"]["density"] == 0.001
   for group, res in results.items():
     rows = res["rows"]
     assert list(rows) == list(bench.METHODS)
@@ -50,6 +52,9 @@ def test_step_cost_benchmark_small(tmp_path, capsys):
 
     # The lean step needs fewer temporaries than full fine-tuning.
     assert rows["spra lean"]["temp_bytes"] < rows["full"]["temp_bytes"]
+    # The sampled weight gradient costs fewer FLOPs than the dense one it replaces, at the same k.
+    assert rows["lean dense dW"]["trainable"] == k
+    assert rows["spra lean"]["flops"] < rows["lean dense dW"]["flops"], group
     for method, r in rows.items():
       assert r["total_live_bytes"] == r["argument_bytes"] + r["output_bytes"] - r["alias_bytes"] + r["temp_bytes"]
       assert r["flops"] > 0 and r["step_ms_median"] > 0, method
@@ -57,7 +62,18 @@ def test_step_cost_benchmark_small(tmp_path, capsys):
     assert {g["goal"] for g in res["goals"]} >= {"lean total live <= LoRA total live"}
     assert f"### {group}" in printed
 
-  assert len(results["llama / paper"]["goals"]) == 5 and len(results["llama / all-linear"]["goals"]) == 3
+  assert len(results["llama / paper"]["goals"]) == 5 and len(results["llama / all-linear"]["goals"]) == 5
+  assert [g["goal"] for g in results["dense / all 4 kernels, 0.1 %"]["goals"]][-1] == "lean FLOPs <= 1.02 x floor FLOPs"
+
+  # The density sweep: one row per density; the sampled path's FLOPs grow with k, the dense path's do not.
+  sweep = summary["sweep"]["rows"]
+  assert [r["density"] for r in sweep] == list(bench.SWEEP_DENSITIES)
+  assert all(r["sampled_flops"] < r["dense_flops"] for r in sweep)
+  assert sweep[0]["sampled_flops"] < sweep[-1]["sampled_flops"]
+  assert abs(sweep[0]["dense_flops"] - sweep[-1]["dense_flops"]) < 0.05 * sweep[0]["dense_flops"]
+  assert {r["choice"] for r in sweep} == {"sampled", "dense"}  # the cost model switches within the sweep
+  assert (tmp_path / "step_cost_sweep.png").stat().st_size > 10_000
+  assert "density sweep" in printed
   saved = json.loads(out_json.read_text())
   assert saved["results"].keys() == results.keys()
   assert out_png.stat().st_size > 10_000

@@ -79,11 +79,16 @@ Goals (checked and printed after each table):
   * llama ``all-linear``: lean FLOPs <= LoRA's, lean step time <= 0.9 x LoRA's;
   * llama ``paper``: lean step time <= LoRA's and <= 0.8 x full's.
 
-The density sweep (``--sweep``, on by default; a table, ``step_cost_sweep.json``
-and ``step_cost_sweep.png`` beside the main results) differentiates one
-Llama-MLP-shaped layer (1024 tokens, 512 x 1376) through the masked matmul at
-densities 0.01 % .. 10 %, with the sampled and the dense weight gradient, and
-marks which one the cost model (``spra.sparse_backward.choose``) picks.
+The density sweep (``--sweep``, on by default; a table in the ``.md``, the
+``sweep`` entry of the JSON, and ``step_cost_sweep.png``) computes the weight
+gradient of one Llama-MLP-shaped layer (1024 tokens, 512 x 1376; a loss linear
+in the layer's output, so nothing else is computed) at densities 0.01 % .. 10 %:
+the sampled and the dense path on a uniform mask, and the structured path on a
+whole-rows mask (``spra.masks.rows``) of the same density, marking which path
+the cost model (``spra.sparse_backward.choose``) picks. The rows mask's FLOPs
+include its fallback branch (XLA counts both sides of the on-device check), so
+above the cost model's threshold they read as the dense product's; its times
+are what runs.
 """
 
 from __future__ import annotations
@@ -294,6 +299,13 @@ def copy_tree(tree: Any) -> Any:
   return jax.tree.map(jnp.copy, tree)
 
 
+def _flops(compiled: Any) -> float:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older JAX: one dict per computation
+    cost = cost[0] if cost else {}
+  return float(cost.get("flops", float("nan")))
+
+
 class Runner:
   """One method's compiled step, its live arguments and what XLA says about it.
 
@@ -309,12 +321,16 @@ class Runner:
     self.info = info or {}
     self.compiled = None
     self.compile_s = 0.0
+    self.flops_step = None  # another step whose compiled FLOPs are reported instead (see lean_runner)
+    self.flops = None
     self.times_ms: list[float] = []
 
   def compile(self) -> None:
     t0 = time.perf_counter()
     self.compiled = self.fn.lower(*self.carry, *self.rest).compile()
     self.compile_s = time.perf_counter() - t0
+    if self.flops_step is not None:
+      self.flops = _flops(self.flops_step.lower(*self.carry, *self.rest).compile())
 
   def step(self) -> None:
     out = self.compiled(*self.carry, *self.rest)
@@ -323,9 +339,6 @@ class Runner:
 
   def stats(self) -> dict:
     mem = self.compiled.memory_analysis()
-    cost = self.compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):  # older JAX: one dict per computation
-      cost = cost[0] if cost else {}
     temp = int(mem.temp_size_in_bytes)
     args, outs, alias = int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes), int(mem.alias_size_in_bytes)
     return {
@@ -336,7 +349,7 @@ class Runner:
         "output_bytes": outs,
         "alias_bytes": alias,
         "total_live_bytes": args + outs - alias + temp,
-        "flops": float(cost.get("flops", float("nan"))),
+        "flops": _flops(self.compiled) if self.flops is None else self.flops,
         "step_ms_median": statistics.median(self.times_ms) if self.times_ms else float("nan"),
         "step_ms_all": [round(t, 3) for t in self.times_ms],
         "compile_s": round(self.compile_s, 2),
@@ -384,7 +397,13 @@ def lean_runner(model: Model, mask: Any, backward: str = "auto") -> Runner:
   state = lean.init(copy_tree(model.params), mask)
   opt_bytes = tree_nbytes(state) - tree_nbytes(state.params)
   method = "spra lean" if backward == "auto" else "lean dense dW"
-  return Runner(method, lean, (state,), model.batch, spra.num_trainable(mask), opt_bytes)  # LeanStep.lower
+  runner = Runner(method, lean, (state,), model.batch, spra.num_trainable(mask), opt_bytes)  # LeanStep.lower
+  if backward == "auto":
+    # XLA counts a loop body once, so the chunked sampled product's FLOPs are read from the same step built
+    # with one chunk per leaf (same arithmetic; its memory figures are not used).
+    runner.flops_step = spra.lean_step(model.loss, optax.adamw(LEARNING_RATE),
+                                       backward=spra.sparse_backward.Backward(chunk_bytes=1 << 62))
+  return runner
 
 
 def lora_targets(model: Model, mask: Any) -> dict[str, tuple[int, int]]:
@@ -598,6 +617,115 @@ def plot(results: dict, path: str) -> None:
   fig.savefig(path, dpi=110)
 
 
+# --------------------------------------------------------------------------
+# The density sweep: one layer, the three ways to its weight gradient.
+# --------------------------------------------------------------------------
+
+SWEEP_SHAPE, SWEEP_TOKENS = (512, 1376), 1024
+SWEEP_PATHS = ("sampled", "dense", "structured")
+
+
+def sweep(args) -> dict:
+  """FLOPs, temporaries and time of one layer's weight gradient per path and density (see the module docstring)."""
+  (fan_in, fan_out), tokens = ((64, 176), 64) if args.small else (SWEEP_SHAPE, SWEEP_TOKENS)
+  keys = jax.random.split(jax.random.key(4), 3)
+  w = jax.random.normal(keys[0], (fan_in, fan_out), jnp.float32) / math.sqrt(fan_in)
+  x = jax.random.normal(keys[1], (tokens, fan_in), jnp.float32)
+  cotangent = jax.random.normal(keys[2], (tokens, fan_out), jnp.float32)  # dy, through a linear loss
+
+  def grad_fn(mode):
+    def loss(delta, params, x, r):
+      return (spra.sparse_backward.matmul(x, spra.attach(params, delta, backward=mode)["w"]) * r).sum()
+    grad = spra.grad(loss)
+    return jax.jit(lambda *args: (grad(*args),))  # a Runner's step returns a tuple
+
+  forward = Runner("forward", jax.jit(lambda p, x, r: (((x @ p["w"]) * r).sum(),)), (), ({"w": w}, x, cotangent),
+                   0, 0)
+  cases = [forward]
+  for density in SWEEP_DENSITIES:
+    uniform = spra.sample_mask(jax.random.key(MASK_SEED), {"w": w}, density=density)
+    rows = spra.sample_mask(jax.random.key(MASK_SEED), {"w": w}, spra.masks.rows(density))
+    for path, mask, mode in (("sampled", uniform, "sampled"), ("dense", uniform, "dense"),
+                             ("structured", rows, "auto")):
+      delta = spra.init_delta(mask)
+      r = Runner(path, grad_fn(mode), (), (delta, {"w": w}, x, cotangent), spra.num_trainable(mask), 0,
+                 info={"density": density})
+      if path != "dense":  # FLOPs from one chunk: XLA counts a loop body once (see lean_runner)
+        r.flops_step = grad_fn(spra.sparse_backward.Backward(mode=mode, chunk_bytes=1 << 62))
+      cases.append(r)
+  for r in cases:
+    r.compile()
+    r.step()
+  for _ in range(args.rounds):
+    for r in cases:
+      for _ in range(args.steps):
+        t0 = time.perf_counter()
+        r.step()
+        r.times_ms.append((time.perf_counter() - t0) * 1e3)
+  base = forward.stats()
+  rows_out = []
+  for density in SWEEP_DENSITIES:
+    got = {r.method: r.stats() for r in cases[1:] if r.info["density"] == density}
+    k = got["sampled"]["trainable"]
+    rows_out.append({
+        "density": density,
+        "k": k,
+        "k_rows_mask": got["structured"]["trainable"],
+        "choice": spra.sparse_backward.choose((fan_in, fan_out), k=k, tokens=tokens),
+        **{f"{p}_{m}": got[p][key] for p in SWEEP_PATHS
+           for m, key in (("flops", "flops"), ("temp_bytes", "temp_bytes"), ("ms", "step_ms_median"))},
+    })
+  return {"shape": [fan_in, fan_out], "tokens": tokens, "forward_flops": base["flops"],
+          "forward_ms": base["step_ms_median"], "rows": rows_out}
+
+
+def sweep_table(res: dict) -> str:
+  fwd_f, fwd_t = res["forward_flops"], res["forward_ms"]  # context only
+  lines = [
+      f"### density sweep: one {res['shape'][0]} x {res['shape'][1]} layer, {res['tokens']} tokens "
+      f"(the loss is linear in the output, so each function computes the weight gradient alone; for scale, the "
+      f"forward matmul: {fmt_flops(fwd_f)}FLOP, {fwd_t:.2f} ms)",
+      "",
+      "| density | k | FLOPs sampled | FLOPs dense | FLOPs rows mask | ms sampled | ms dense | ms rows mask "
+      "| cost model picks |",
+      "|---|---|---|---|---|---|---|---|---|",
+  ]
+  for r in res["rows"]:
+    faster = "sampled" if r["sampled_ms"] <= r["dense_ms"] else "dense"
+    flops = {p: fmt_flops(r[f"{p}_flops"]) for p in SWEEP_PATHS}
+    ms = {p: f"{r[f'{p}_ms']:.2f}" for p in SWEEP_PATHS}
+    for p in ("sampled", "dense"):  # the cost model's pick in bold
+      if p == r["choice"]:
+        flops[p], ms[p] = f"**{flops[p]}**", f"**{ms[p]}**"
+    lines.append(
+        f"| {r['density'] * 100:g} % | {r['k']:,} | {flops['sampled']} | {flops['dense']} | {flops['structured']} "
+        f"| {ms['sampled']} | {ms['dense']} | {ms['structured']} | {r['choice']} (faster here: {faster}) |")
+  return "\n".join(lines)
+
+
+def plot_sweep(res: dict, path: str) -> None:
+  from matplotlib.figure import Figure
+
+  fig = Figure(figsize=(11, 4.2), layout="constrained")
+  ax_f, ax_t = fig.subplots(1, 2)
+  d = [r["density"] * 100 for r in res["rows"]]
+  for p, color in zip(SWEEP_PATHS, ("#2ca02c", "#98df8a", "#1f77b4")):
+    label = {"structured": "rows mask (structured)"}.get(p, p)
+    ax_f.plot(d, [r[f"{p}_flops"] for r in res["rows"]], "o-", color=color, label=label)
+    ax_t.plot(d, [r[f"{p}_ms"] for r in res["rows"]], "o-", color=color, label=label)
+  for r, x in zip(res["rows"], d):
+    ax_t.annotate(r["choice"][0], (x, r[f"{r['choice']}_ms"]), textcoords="offset points",
+                  xytext=(0, 7), ha="center", fontsize=8)
+  for ax, title in ((ax_f, "weight-gradient FLOPs (XLA)"), (ax_t, "weight-gradient time (ms; letter = cost model's pick)")):
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("density (%)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+  fig.suptitle(f"One {res['shape'][0]} x {res['shape'][1]} layer, {res['tokens']} tokens")
+  fig.savefig(path, dpi=110)
+
+
 def main(argv=None) -> dict:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--models", default="dense,llama", help="comma-separated: " + ",".join(MODELS))
@@ -607,6 +735,8 @@ def main(argv=None) -> dict:
   ap.add_argument("--small", action="store_true", help="shrink every model for a quick smoke test")
   ap.add_argument("--llama-batch", type=int, default=None,
                   help="batch size of the Llama-shaped model (default 8; 1 shows the weight-dominated regime)")
+  ap.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True,
+                  help="also run the density sweep of one layer's weight gradient")
   ap.add_argument("--json", default=os.path.join(RESULTS, "step_cost.json"))
   ap.add_argument("--png", default=os.path.join(RESULTS, "step_cost.png"))
   args = ap.parse_args(argv)
@@ -651,6 +781,14 @@ def main(argv=None) -> dict:
       md.extend(text)
     print(f"({name}: {time.perf_counter() - t0:.0f} s to build, compile and time)\n", flush=True)
 
+  swept = None
+  if args.sweep:
+    t0 = time.perf_counter()
+    swept = sweep(args)
+    text = sweep_table(swept)
+    print(text + f"\n\n(sweep: {time.perf_counter() - t0:.0f} s)\n", flush=True)
+    md.extend([text, ""])
+
   summary = {
       "benchmark": "step_cost",
       "jax": jax.__version__,
@@ -661,6 +799,7 @@ def main(argv=None) -> dict:
       "args": {"models": names, "steps": args.steps, "rounds": args.rounds, "density": args.density,
                "small": args.small, "llama_batch": args.llama_batch},
       "results": results,
+      "sweep": swept,
       "all_goals_met": all(g["met"] for r in results.values() for g in r["goals"]),
   }
   if args.json:
@@ -674,6 +813,10 @@ def main(argv=None) -> dict:
     os.makedirs(os.path.dirname(os.path.abspath(args.png)), exist_ok=True)
     plot(results, args.png)
     print(f"wrote {args.png}")
+    if swept is not None:
+      sweep_png = os.path.splitext(args.png)[0] + "_sweep.png"
+      plot_sweep(swept, sweep_png)
+      print(f"wrote {sweep_png}")
   return summary
 
 
