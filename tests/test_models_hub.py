@@ -284,3 +284,15 @@ def test_minilm_load_peak_host_memory_is_below_1_5x_the_model_bytes():
         f"{figures['peak_increase'] / 1e6:.1f} MB ({ratio:.2f}x the model bytes, tokenizer included)")
   assert figures["model_bytes"] == 22_713_216 * 4
   assert figures["peak_increase"] <= 1.5 * figures["model_bytes"]
+
+
+def test_loading_a_shipped_model_and_its_tokenizer_does_not_import_torch():
+  # torch costs about 190 MiB of resident memory; the fast tokenizer is loaded without AutoTokenizer, which imports it.
+  code = ("import sys, spra_jax as spra\n"
+          "model, tok = spra.models.from_pretrained('minilm', task='sequence-classification', num_labels=2)\n"
+          "print(tok('a fine film')['input_ids'], 'torch' in sys.modules)")
+  env = dict(os.environ, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+  assert out.returncode == 0, out.stderr[-2000:]
+  ids, torch_imported = out.stdout.strip().splitlines()[-1].rsplit(" ", 1)
+  assert ids == "[101, 1037, 2986, 2143, 102]" and torch_imported == "False", out.stdout

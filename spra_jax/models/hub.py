@@ -368,7 +368,13 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
 def _load_tokenizer(folder: Path) -> Any:
   if not any((folder / f).is_file() for f in _TOKENIZER_FILES):
     return None
-  from transformers import AutoTokenizer
+  if (folder / "tokenizer.json").is_file():
+    # The fast tokenizer is all in tokenizer.json (+ tokenizer_config.json). Loaded directly, not through
+    # AutoTokenizer, whose config machinery imports torch: about 190 MiB of resident memory for nothing.
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(str(folder))
+  from transformers import AutoTokenizer  # only slow-tokenizer files: their class builds the tokenizer
 
   return AutoTokenizer.from_pretrained(str(folder))
 
