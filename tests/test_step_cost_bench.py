@@ -67,7 +67,7 @@ def test_step_cost_benchmark_small(tmp_path, capsys):
 
   # The density sweep: one row per density; the sampled path's FLOPs grow with k, the dense path's do not.
   sweep = summary["sweep"]["rows"]
-  assert [r["density"] for r in sweep] == list(bench.SWEEP_DENSITIES)
+  assert [r["density"] for r in sweep] == list(bench.SWEEP_DENSITIES_SMALL)
   assert all(r["sampled_flops"] < r["dense_flops"] for r in sweep)
   assert sweep[0]["sampled_flops"] < sweep[-1]["sampled_flops"]
   assert abs(sweep[0]["dense_flops"] - sweep[-1]["dense_flops"]) < 0.05 * sweep[0]["dense_flops"]

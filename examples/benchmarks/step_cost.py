@@ -116,6 +116,7 @@ LEARNING_RATE = 1e-4
 LORA_ALPHA = 16.0
 METHODS = ("full", "optax.masked", "spra.masked", "spra lean", "lean dense dW", "LoRA", "floor")
 SWEEP_DENSITIES = (0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1)
+SWEEP_DENSITIES_SMALL = (0.001, 0.01, 0.1)  # --small
 
 
 # --------------------------------------------------------------------------
@@ -392,13 +393,13 @@ def spra_masked_runner(model: Model, mask: Any) -> Runner:
   return dense_grad_runner("spra.masked", model, spra.masked(optax.adamw(LEARNING_RATE), mask), spra.num_trainable(mask))
 
 
-def lean_runner(model: Model, mask: Any, backward: str = "auto") -> Runner:
+def lean_runner(model: Model, mask: Any, backward: str = "auto", *, count_one_chunk: bool = True) -> Runner:
   lean = spra.lean_step(model.loss, optax.adamw(LEARNING_RATE), backward=backward)
   state = lean.init(copy_tree(model.params), mask)
   opt_bytes = tree_nbytes(state) - tree_nbytes(state.params)
   method = "spra lean" if backward == "auto" else "lean dense dW"
   runner = Runner(method, lean, (state,), model.batch, spra.num_trainable(mask), opt_bytes)  # LeanStep.lower
-  if backward == "auto":
+  if backward == "auto" and count_one_chunk:
     # XLA counts a loop body once, so the chunked sampled product's FLOPs are read from the same step built
     # with one chunk per leaf (same arithmetic; its memory figures are not used).
     runner.flops_step = spra.lean_step(model.loss, optax.adamw(LEARNING_RATE),
@@ -544,7 +545,9 @@ def run_model(model: Model, args) -> dict[str, dict]:
     leaf_bytes = {path: math.prod(shape) * 4 for path, shape in lora_targets(model, mask).items()}
     per_placement[placement] = (
         mask,
-        [optax_masked_runner(model, mask), spra_masked_runner(model, mask), lean_runner(model, mask),
+        # --small: every leaf's sampled product fits in one chunk, so its FLOPs are counted in full as they are.
+        [optax_masked_runner(model, mask), spra_masked_runner(model, mask),
+         lean_runner(model, mask, count_one_chunk=not args.small),
          lean_runner(model, mask, "dense"), lora_runner(model, mask)],
         max(leaf_bytes.values()),
         include,
@@ -642,7 +645,8 @@ def sweep(args) -> dict:
   forward = Runner("forward", jax.jit(lambda p, x, r: (((x @ p["w"]) * r).sum(),)), (), ({"w": w}, x, cotangent),
                    0, 0)
   cases = [forward]
-  for density in SWEEP_DENSITIES:
+  densities = SWEEP_DENSITIES_SMALL if args.small else SWEEP_DENSITIES
+  for density in densities:
     uniform = spra.sample_mask(jax.random.key(MASK_SEED), {"w": w}, density=density)
     rows = spra.sample_mask(jax.random.key(MASK_SEED), {"w": w}, spra.masks.rows(density))
     for path, mask, mode in (("sampled", uniform, "sampled"), ("dense", uniform, "dense"),
@@ -664,7 +668,7 @@ def sweep(args) -> dict:
         r.times_ms.append((time.perf_counter() - t0) * 1e3)
   base = forward.stats()
   rows_out = []
-  for density in SWEEP_DENSITIES:
+  for density in densities:
     got = {r.method: r.stats() for r in cases[1:] if r.info["density"] == density}
     k = got["sampled"]["trainable"]
     rows_out.append({
