@@ -5,7 +5,8 @@ Paths: ``model/embed_tokens/embedding``, ``model/layers/<i>/self_attn/{q,k,v,o}_
 ``model/norm/scale``, ``lm_head/kernel``; kernels stored [in, out]. Real attention (causal, rotary, grouped-query)
 and a SwiGLU MLP, next-token cross-entropy. Every matrix is 64 x 64 by default (4 heads of 16, as many KV heads,
 MLP width 64, vocabulary 64): one shape keeps the number of distinct compilations, which dominate the tests'
-run time on CPU, small; ``kv_heads`` < ``heads`` (grouped-query attention) works too.
+run time on CPU, small; ``kv_heads`` < ``heads`` (grouped-query attention) works too. The projections multiply
+through ``spra.sparse_backward.matmul``, so a lean step may take the sampled weight gradient (``backward=``).
 """
 
 import math
@@ -13,6 +14,8 @@ import math
 import jax
 import jax.numpy as jnp
 import optax
+
+from spra_jax.sparse_backward import matmul
 
 
 def init_params(seed=0, *, vocab=64, d=64, layers=2, heads=4, kv_heads=4, ffn=64):
@@ -66,17 +69,18 @@ def logits_fn(params, tokens, *, heads=4, kv_heads=4):
   for p in params["model"]["layers"]:
     att = p["self_attn"]
     x = rms_norm(h, p["input_layernorm"]["scale"])
-    q = rotary((x @ att["q_proj"]["kernel"]).reshape(b, s, heads, head_dim))
-    k = rotary((x @ att["k_proj"]["kernel"]).reshape(b, s, kv_heads, head_dim))
-    v = (x @ att["v_proj"]["kernel"]).reshape(b, s, kv_heads, head_dim)
+    q = rotary(matmul(x, att["q_proj"]["kernel"]).reshape(b, s, heads, head_dim))
+    k = rotary(matmul(x, att["k_proj"]["kernel"]).reshape(b, s, kv_heads, head_dim))
+    v = matmul(x, att["v_proj"]["kernel"]).reshape(b, s, kv_heads, head_dim)
     k, v = jnp.repeat(k, heads // kv_heads, axis=2), jnp.repeat(v, heads // kv_heads, axis=2)
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(head_dim)
     scores = jnp.where(causal, scores, jnp.finfo(scores.dtype).min)
     attn = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v).reshape(b, s, heads * head_dim)
-    h = h + attn @ att["o_proj"]["kernel"]
+    h = h + matmul(attn, att["o_proj"]["kernel"])
     x = rms_norm(h, p["post_attention_layernorm"]["scale"])
     mlp = p["mlp"]
-    h = h + (jax.nn.silu(x @ mlp["gate_proj"]["kernel"]) * (x @ mlp["up_proj"]["kernel"])) @ mlp["down_proj"]["kernel"]
+    h = gated = jax.nn.silu(matmul(x, mlp["gate_proj"]["kernel"])) * matmul(x, mlp["up_proj"]["kernel"])
+    h = h + matmul(gated, mlp["down_proj"]["kernel"])
   return rms_norm(h, params["model"]["norm"]["scale"]) @ params["lm_head"]["kernel"]
 
 
