@@ -159,6 +159,8 @@ HEAVY_FIRST = (
     "tests/test_finetune.py",
     "tests/test_examples.py",
     "tests/test_step_cost_bench.py",
+    "tests/test_multihost.py",
+    "tests/test_sparse_backward.py",
     "tests/test_models_gguf.py",
     "tests/test_models_gguf_gemma3.py",
     "tests/test_checkpoint_train.py",

@@ -13,7 +13,7 @@ PACKAGE = ROOT / "spra_jax"
 # Bottom first. A module of layer i may import layers 0..i. The package face (spra_jax/__init__.py) and
 # `__main__` sit above everything.
 LAYERS = (
-    ("_version", "_torch_names"),
+    ("_version", "_torch_names", "_host"),
     ("masks",),
     ("compact", "microbatch"),
     ("precision", "sparse_backward"),

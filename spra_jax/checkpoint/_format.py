@@ -55,6 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from spra_jax import _host
 from spra_jax._version import __version__
 from spra_jax.checkpoint import _files
 from spra_jax.checkpoint.encoding import WIDTH_DTYPES, decode_gaps, encode_gaps
@@ -154,8 +155,17 @@ def rebuild_tree(entries: list[tuple[list[list[Any]], Any]]) -> Any:
 # --------------------------------------------------------------------------
 
 
+def this_process_only() -> ocp.options.MultiprocessingOptions:
+  """Orbax options for a save or restore that this process does alone (no barrier with the others)."""
+  if not _host.multiprocess():
+    return ocp.options.MultiprocessingOptions()
+  me = jax.process_index()
+  return ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+
+
 def as_host(x: Any) -> np.ndarray:
-  return np.asarray(jax.device_get(x))
+  """``x`` on the host; gathered from every process when it spans several (collective then, see ``spra_jax._host``)."""
+  return _host.to_host(x)
 
 
 def checksum(a: np.ndarray) -> str:

@@ -59,6 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from spra_jax import _host
 from spra_jax._version import __version__
 from spra_jax.checkpoint import _files, _format
 from spra_jax.checkpoint import fingerprint as _fingerprint
@@ -150,8 +151,10 @@ def save_adapter(
   if index_encoding not in INDEX_ENCODINGS:
     raise ValueError(f"index_encoding must be one of {INDEX_ENCODINGS}, got {index_encoding!r}.")
   final = _files.absolute(directory)
-  if final.exists() and not overwrite:
+  if not _host.all_agree(overwrite or not final.exists()):
     raise FileExistsError(f"{final} already exists; pass overwrite=True to replace it.")
+  # Every process has looked before any writes (the first would otherwise see the adapter the other published).
+  _host.barrier(f"spra_jax save_adapter checked {final}")
 
   meta = dict(_format.jsonable(dict(metadata or {}), "metadata"))
   base_model = meta.pop("base_model", None)
@@ -187,11 +190,24 @@ def save_adapter(
   }
   config[_format.TABLE_DIGEST] = _format.table_digest(config)
 
-  with _files.atomic_output(final, overwrite=overwrite) as tmp:
-    with ocp.StandardCheckpointer() as ckptr:
-      ckptr.save(tmp / ARRAYS_DIR, arrays)
-      ckptr.wait_until_finished()
-    _files.write_json(tmp / CONFIG_NAME, config)
+  # On several processes, every array is on every host by now (gathered above): process 0 writes the one adapter,
+  # the others wait for it and fail with it.
+  error = None
+  if _host.is_primary():
+    try:
+      with _files.atomic_output(final, overwrite=overwrite) as tmp:
+        with ocp.StandardCheckpointer(multiprocessing_options=_format.this_process_only()) as ckptr:
+          ckptr.save(tmp / ARRAYS_DIR, arrays)
+          ckptr.wait_until_finished()
+        _files.write_json(tmp / CONFIG_NAME, config)
+    except BaseException as e:  # noqa: BLE001  (re-raised below, after the other processes heard of it)
+      error = e
+  if not bool(_host.broadcast_from_primary(np.int32(error is None))):
+    if error is not None:
+      raise error
+    raise OSError(f"save_adapter: process 0 failed to write {final} (its error says why); nothing was published.")
+  if error is not None:
+    raise error
   return final
 
 

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from spra_jax import _host
 from spra_jax.checkpoint._format import flat_masks
 from spra_jax.masks import FROZEN, FULL, LeafMask, path_str
 
@@ -43,11 +44,11 @@ def _take_flat(x: jax.Array, idx: jax.Array) -> jax.Array:
 def _base_values(leaf: Any, m: LeafMask) -> np.ndarray:
   """The base values an adapter's leaf touches, on the host (O(k))."""
   if m.kind == FULL:
-    return np.asarray(leaf).reshape(-1)
-  idx = np.asarray(m.indices)
+    return _host.to_host(leaf).reshape(-1)
   if isinstance(leaf, np.ndarray):
-    return leaf.reshape(-1)[idx]
-  return np.asarray(_take_flat(leaf, jnp.asarray(idx)))
+    return leaf.reshape(-1)[_host.to_host(m.indices)]
+  # Taken where the weights are (a sharded leaf stays sharded), then gathered: O(k) on the host.
+  return _host.to_host(_take_flat(leaf, m.indices))
 
 
 def _digest(values: np.ndarray) -> str:

@@ -58,7 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from spra_jax import compact
+from spra_jax import _host, compact
 from spra_jax._version import __version__
 from spra_jax.checkpoint import _files, _format
 from spra_jax.lean import LeanState
@@ -360,7 +360,8 @@ class TrainCheckpointer:
     if rng is not None:
       typed = _is_key(rng)
       meta["rng"] = {"typed": bool(typed), "impl": str(jax.random.key_impl(rng)) if typed else None}
-      tree["rng"] = jax.random.key_data(rng) if typed else jnp.asarray(rng)
+      # On several processes the key is host-local: saved as a replicated global array (the same on every process).
+      tree["rng"] = _host.replicated(jax.random.key_data(rng) if typed else jnp.asarray(rng))
     _check_deleted(tree)
     tree, meta[_EMPTY] = _without_empty(tree)
     args = ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta))
@@ -447,7 +448,9 @@ class TrainCheckpointer:
         data = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0, impl=rng_info["impl"])))
       else:
         data = jax.eval_shape(lambda: jax.random.PRNGKey(0))
-      abstract["rng"] = jax.ShapeDtypeStruct(data.shape, data.dtype)
+      # Restored replicated over every device (on several processes, a global array like the one saved).
+      abstract["rng"] = jax.ShapeDtypeStruct(data.shape, data.dtype,
+                                             sharding=_host.replicated_sharding() if _host.multiprocess() else None)
     self._check_fits(step, abstract, meta.get(_EMPTY) or [], cast=cast)
     leaves, treedef = jax.tree.flatten(abstract)
     to_read = treedef.unflatten([None if _is_empty(x) else x for x in leaves])

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spra_jax import _host
+
 __all__ = [
     "FROZEN",
     "FULL",
@@ -296,29 +298,78 @@ def validate_indices(path: str, m: LeafMask, *, check_values: bool) -> None:
     raise ValueError(f"mask leaf {path!r}: indices must be a 1-D int32 vector, got {idtype}{list(ishape)}.")
   if not check_values or isinstance(idx, (jax.core.Tracer, jax.ShapeDtypeStruct)) or ishape[0] == 0:
     return
-  values = np.asarray(idx)
+  if isinstance(idx, jax.Array) and not idx.is_fully_addressable:
+    _validate_global_indices(path, m)
+    return
+  _check_index_values(path, m, np.asarray(idx), 0, ishape[0])
+
+
+def _check_index_values(path: str, m: LeafMask, values: np.ndarray, start: int, total: int) -> None:
+  """The rules of :func:`validate_indices` on ``values`` = ``indices[start:start + len(values)]`` of ``total``."""
+  if values.size == 0:
+    return
   if values.min() < 0 or values.max() >= m.size:
     raise ValueError(f"mask leaf {path!r}: indices must lie in [0, {m.size}), got [{values.min()}, {values.max()}].")
   if m.blocks is None:
     if np.any(np.diff(values) <= 0):
       raise ValueError(f"mask leaf {path!r}: indices must be sorted and unique.")
     return
-  if ishape[0] % m.num_blocks:
+  if total % m.num_blocks:
     raise ValueError(
-        f"mask leaf {path!r}: {ishape[0]} indices cannot split into {m.num_blocks} equal slices (blocks {m.blocks})."
+        f"mask leaf {path!r}: {total} indices cannot split into {m.num_blocks} equal slices (blocks {m.blocks})."
     )
-  per_slice = values.reshape(m.num_blocks, -1)
-  if np.any(np.diff(per_slice, axis=1) <= 0):
+  slice_of = (start + np.arange(values.size)) // (total // m.num_blocks)
+  if np.any((np.diff(values) <= 0) & (np.diff(slice_of) == 0)):
     raise ValueError(f"mask leaf {path!r}: indices must be sorted and unique within each of the {m.num_blocks} slices.")
   coords = np.unravel_index(values, m.shape)
-  block_of = np.ravel_multi_index(
-      tuple(c // (s // b) for c, s, b in zip(coords, m.shape, m.blocks)), m.blocks
-  ).reshape(m.num_blocks, -1)
-  if np.any(block_of != np.arange(m.num_blocks)[:, None]):
+  block_of = np.ravel_multi_index(tuple(c // (s // b) for c, s, b in zip(coords, m.shape, m.blocks)), m.blocks)
+  if np.any(block_of != slice_of):
     raise ValueError(
         f"mask leaf {path!r}: slice j of the indices must lie in shard block j of the grid {m.blocks} "
         "(blocks numbered row-major)."
     )
+
+
+def _validate_global_indices(path: str, m: LeafMask) -> None:
+  """:func:`validate_indices` for indices spanning other processes' devices: each process checks the shards it holds.
+
+  Collective (every process validates the same mask). The pieces' boundaries are exchanged so that the order across
+  shards held by different processes is checked too, and every process raises when any process found a violation.
+  """
+  idx = m.indices
+  total = int(idx.shape[0])
+  pieces = {}
+  for shard in idx.addressable_shards:
+    start = shard.index[0].start or 0
+    pieces.setdefault(start, shard.data)
+  error = None
+  bounds = np.full((jax.local_device_count(), 3), -1, np.int64)  # (start, first, last) per local piece
+  for row, (start, data) in enumerate(sorted(pieces.items())):
+    values = np.asarray(data)
+    if error is None:
+      try:
+        _check_index_values(path, m, values, start, total)
+      except ValueError as e:
+        error = str(e)
+    if values.size and row < bounds.shape[0]:
+      bounds[row] = (start, values[0], values[-1])
+  if error is None:
+    from jax.experimental import multihost_utils
+
+    everyone = np.asarray(multihost_utils.process_allgather(bounds)).reshape(-1, 3)
+    starts = {}
+    for start, first, last in everyone[everyone[:, 0] >= 0].tolist():
+      starts.setdefault(start, (first, last))
+    ordered = sorted(starts.items())
+    per = total // m.num_blocks if m.blocks is not None else total
+    for (start_a, (_, last_a)), (start_b, (first_b, _)) in zip(ordered, ordered[1:]):
+      same_slice = (start_b - 1) // per == start_b // per
+      if same_slice and last_a >= first_b:
+        error = (f"mask leaf {path!r}: indices must be sorted and unique"
+                 + ("." if m.blocks is None else f" within each of the {m.num_blocks} slices."))
+        break
+  if not _host.all_agree(error is None):
+    raise ValueError(error or f"mask leaf {path!r}: another process found invalid indices in the shards it holds.")
 
 
 def from_dense(bool_tree: Any) -> Any:
