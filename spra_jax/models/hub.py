@@ -369,11 +369,20 @@ def _load_tokenizer(folder: Path) -> Any:
   if not any((folder / f).is_file() for f in _TOKENIZER_FILES):
     return None
   if (folder / "tokenizer.json").is_file():
-    # The fast tokenizer is all in tokenizer.json (+ tokenizer_config.json). Loaded directly, not through
-    # AutoTokenizer, whose config machinery imports torch: about 190 MiB of resident memory for nothing.
-    from transformers import PreTrainedTokenizerFast
+    # The class tokenizer_config.json names (its fast form), loaded directly rather than through AutoTokenizer,
+    # whose config machinery imports torch: about 190 MiB of resident memory for nothing. The class matters
+    # beyond tokenizer.json: e.g. which inputs it returns (BERT's token_type_ids).
+    import transformers
 
-    return PreTrainedTokenizerFast.from_pretrained(str(folder))
+    try:
+      with open(folder / "tokenizer_config.json", encoding="utf-8") as f:
+        name = json.load(f).get("tokenizer_class") or ""
+    except (OSError, ValueError):
+      name = ""
+    candidates = [name.removesuffix("Fast") + "Fast", name.removesuffix("Fast")] if name else []
+    cls = next((getattr(transformers, c) for c in candidates if hasattr(transformers, c)),
+               transformers.PreTrainedTokenizerFast)
+    return cls.from_pretrained(str(folder))
   from transformers import AutoTokenizer  # only slow-tokenizer files: their class builds the tokenizer
 
   return AutoTokenizer.from_pretrained(str(folder))
