@@ -111,7 +111,31 @@ def parser() -> argparse.ArgumentParser:
   add("--resume", action="store_true", help="continue the run saved in --output")
   add("--overwrite", action="store_true", help="delete what --output holds and start over")
   add("--no-progress", action="store_true", help="no progress bar")
+  add("--distributed", action="store_true",
+      help="run on a multi-process JAX cluster: jax.distributed.initialize() (auto-detected on TPU, Slurm, Open MPI; "
+           "or give the three options below); every process runs this same command")
+  add("--coordinator-address", default=None, help="HOST:PORT of process 0 in a manual cluster (default: detected by --distributed)")
+  add("--num-processes", type=int, default=None, help="processes in a manual cluster (default: detected by --distributed)")
+  add("--process-id", type=int, default=None, help="this process's index in a manual cluster, 0 .. N-1 (default: detected by --distributed)")
   return top
+
+
+def init_distributed(args: argparse.Namespace) -> None:
+  """Joins the JAX cluster the command's ``--distributed`` options describe (nothing without ``--distributed``)."""
+  manual = [args.coordinator_address, args.num_processes, args.process_id]
+  if not args.distributed:
+    if any(v is not None for v in manual):
+      raise ValueError("--coordinator-address, --num-processes and --process-id need --distributed")
+    return
+  if any(v is not None for v in manual) and any(v is None for v in manual):
+    raise ValueError("a manual cluster needs all of --coordinator-address, --num-processes and --process-id; "
+                     f"got {args.coordinator_address!r}, {args.num_processes!r}, {args.process_id!r}")
+  import jax
+
+  # CPU processes exchange their collectives over gloo (accelerators use their own).
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=args.coordinator_address, num_processes=args.num_processes,
+                             process_id=args.process_id)
 
 
 def summary_table(results: dict) -> str:
@@ -157,6 +181,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "spra-jax", **finetun
   if args.command != "finetune":
     return 0
   try:
+    init_distributed(args)
     config = FinetuneConfig(
         model=args.model, dataset=args.dataset, task=args.task, method=args.method, density=args.density,
         distribution=args.distribution, preset=args.preset, include=args.include, exclude=args.exclude,

@@ -186,7 +186,7 @@ def test_help_shows_every_default_once(capsys, monkeypatch):
     cli.main(["finetune", "--help"])
   assert done.value.code == 0
   blocks = _help_blocks(capsys.readouterr().out)
-  flags = {"--help", "--resume", "--overwrite", "--no-progress"}
+  flags = {"--help", "--resume", "--overwrite", "--no-progress", "--distributed"}
   fields = {f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(FinetuneConfig)}
   assert fields <= set(blocks), fields - set(blocks)  # every config field has a flag (--lora-alpha included)
   for option, text in blocks.items():

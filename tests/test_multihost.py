@@ -63,3 +63,83 @@ def test_two_processes_match_one_process_and_save_one_adapter(tmp_path):
     config_a, config_b = spra.load_adapter_config(lone / name), spra.load_adapter_config(cluster / name)
     assert config_b["base_fingerprint"] == config_a["base_fingerprint"] is not None
     assert _files.leftovers(cluster / name) == []  # one adapter published, no staging left by either process
+
+
+def test_the_job_on_two_processes_writes_one_run_equal_to_one_process(tmp_path, tiny_llama_dir):
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+  import finetune_worker as fw
+
+  from spra_jax.finetune import FinetuneConfig
+
+  csv = tmp_path / "reviews.csv"
+  fw.write_reviews_csv(csv)
+  port = str(_free_port())
+
+  def argv(out, *flags):
+    cfg = FinetuneConfig(model=str(tiny_llama_dir), dataset=str(csv), method="spra", density=0.05, lr=3e-2,
+                         steps=8, batch_size=16, max_length=24, eval_every=4, checkpoint_every=4, seed=0,
+                         eval_examples=64, test_examples=64, mesh="data=4", output=str(out))
+    return [sys.executable, "-m", "spra_jax", "finetune", *fw.cli_args(cfg),
+            "--no-progress", *flags]
+
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+  runs = [(argv(tmp_path / "one"), "4"),
+          *[(argv(tmp_path / "two", "--distributed", "--coordinator-address", f"127.0.0.1:{port}",
+                  "--num-processes", "2", "--process-id", str(i)), "2") for i in (0, 1)]]
+  procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**env, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"})
+           for cmd, n in runs]
+  try:
+    outputs = [p.communicate(timeout=TIMEOUT_S)[0] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  for p, text in zip(procs, outputs):
+    assert p.returncode == 0, text[-3000:]
+
+  one, two = tmp_path / "one", tmp_path / "two"
+  rows = {d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (one, two)}
+  assert [r["step"] for r in rows[two] if r["split"] == "train"] == list(range(1, 9))  # each step once
+  assert [(r["step"], r["split"]) for r in rows[two]] == [(r["step"], r["split"]) for r in rows[one]]
+  for a, b in zip(rows[one], rows[two]):
+    for key in set(a) - {"step", "split"}:
+      np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-6, err_msg=f"{a['step']} {a['split']} {key}")
+  da, db = spra.load_adapter(one / "adapter"), spra.load_adapter(two / "adapter")
+  for x, y in zip(jax.tree.leaves(da.mask), jax.tree.leaves(db.mask)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  for x, y in zip(jax.tree.leaves(da.values), jax.tree.leaves(db.values)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5, rtol=0)
+  assert json.loads((two / "results.json").read_text())["steps"] == 8
+  assert _files.leftovers(two / "adapter") == []
+
+  # Resume on the cluster: from the checkpoint of step 4, steps 5..8 run again and are logged once, as before.
+  port = str(_free_port())
+  resumed = [subprocess.Popen(argv(two, "--distributed", "--coordinator-address", f"127.0.0.1:{port}",
+                                   "--num-processes", "2", "--process-id", str(i), "--resume"),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}) for i in (0, 1)]
+  try:
+    outputs = [p.communicate(timeout=TIMEOUT_S)[0] for p in resumed]
+  finally:
+    for p in resumed:
+      p.kill()
+  for p, text in zip(resumed, outputs):
+    assert p.returncode == 0, text[-3000:]
+  again = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
+  assert [(r["step"], r["split"]) for r in again] == [(r["step"], r["split"]) for r in rows[two]]
+  for a, b in zip(rows[two], again):
+    for key in set(a) - {"step", "split"}:
+      np.testing.assert_allclose(b[key], a[key], rtol=1e-6, atol=1e-7, err_msg=f"{a['step']} {a['split']} {key}")
+  for x, y in zip(jax.tree.leaves(db.values), jax.tree.leaves(spra.load_adapter(two / "adapter").values)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6, rtol=0)
+
+
+def test_cluster_options_are_checked_before_anything_starts(capsys):
+  from spra_jax import cli
+
+  assert cli.main(["finetune", "--num-processes", "2"]) == 2
+  assert "need --distributed" in capsys.readouterr().err
+  assert cli.main(["finetune", "--distributed", "--coordinator-address", "127.0.0.1:1"]) == 2
+  err = capsys.readouterr().err
+  assert "needs all of --coordinator-address, --num-processes and --process-id" in err and "None" in err

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from spra_jax import _host
 from spra_jax import data as data_lib
 from spra_jax import recipes
 from spra_jax import sharding as sharding_lib
@@ -130,7 +131,15 @@ class Job:
     """A batch split over the mesh's ``data`` x ``fsdp`` axes (unchanged without a mesh)."""
     if self.mesh is None:
       return batch
-    return {k: jax.device_put(v, sharding_lib.batch_sharding(self.mesh, np.ndim(v))) for k, v in batch.items()}
+
+    def place(v):
+      sharding = sharding_lib.batch_sharding(self.mesh, np.ndim(v))
+      if jax.process_count() == 1:
+        return jax.device_put(v, sharding)
+      host = np.asarray(v)  # every process holds the whole batch (same data, same order); each fills its devices
+      return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return {k: place(v) for k, v in batch.items()}
 
   def total_steps(self) -> int:
     c = self.config
@@ -263,7 +272,15 @@ def finetune(
     if lock is not None and lock.stale:
       print(f"note: took over the lock of {out} from {OutputLock.describe(lock.stale)}, which ended without "
             "releasing it (the kernel released it)", flush=True)
-    _prepare_output(out, config, resume=resume, overwrite=overwrite)
+    # Process 0 checks and prepares the output directory; the others go on once it has, or fail with it.
+    error = None
+    if lock is not None:
+      try:
+        _prepare_output(out, config, resume=resume, overwrite=overwrite)
+      except ValueError as e:
+        error = e
+    if not bool(_host.broadcast_from_primary(np.int32(error is None))):
+      raise error or ValueError(f"process 0 refused the output directory {out} (its log says why)")
     print(f"learning rate {config.lr:g} ({checked.lr_source})", flush=True)
     accum = f", {config.grad_accum_steps} microbatches per step" if config.grad_accum_steps > 1 else ""
     print(f"precision: {config.param_dtype} weights, {config.compute_dtype} compute ({checked.dtype_source}){accum}",
@@ -315,7 +332,7 @@ def _train(job: Job, out: pathlib.Path, *, resume: bool, progress: bool, t_start
       if (start_step % config.eval_every == 0 or start_step == total) and \
          not any(r["split"] == "validation" and r["step"] == start_step for r in rows):
         state, last_val = validation(state, start_step)
-    elif metrics_path.exists():
+    elif metrics_path.exists() and _host.is_primary():
       metrics_path.unlink()
 
     batches = data_lib.batches(job.arrays["train"], config.batch_size, seed=config.seed, start=position)

@@ -10,6 +10,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from spra_jax import _host
 from spra_jax.finetune.config import FinetuneConfig
 
 
@@ -163,13 +164,17 @@ def _write_config(out: pathlib.Path, config: FinetuneConfig) -> None:
 
 
 def _write_atomic(path: pathlib.Path, text: str) -> None:
+  if not _host.is_primary():  # metadata, logs and results: process 0 writes them (on one process: always)
+    return
   tmp = path.with_name(path.name + ".tmp")
   tmp.write_text(text)
   os.replace(tmp, path)
 
 
 def plot_curves(metrics_path: pathlib.Path, png_path: pathlib.Path) -> None:
-  """A PNG of the training loss and the validation metrics over steps."""
+  """A PNG of the training loss and the validation metrics over steps (by process 0 only, on several)."""
+  if not _host.is_primary():
+    return
   import matplotlib
 
   matplotlib.use("Agg")
@@ -192,6 +197,8 @@ def plot_curves(metrics_path: pathlib.Path, png_path: pathlib.Path) -> None:
 
 
 def _append_jsonl(path: pathlib.Path, row: Mapping[str, Any]) -> None:
+  if not _host.is_primary():
+    return
   with open(path, "a") as f:
     f.write(json.dumps(row) + "\n")
 

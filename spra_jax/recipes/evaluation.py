@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from spra_jax import _host
 from spra_jax import data as data_lib
 from spra_jax import metrics as metrics_lib
 
@@ -63,7 +64,7 @@ def evaluate(predict: Callable[[Mapping[str, Any]], Any], arrays: Mapping[str, n
   if task == "classification":
     predictions, labels = [], []
     for real, batch in padded_batches(arrays, batch_size, limit):
-      logits = np.asarray(predict(batch))
+      logits = _host.to_host(predict(batch))  # gathered when the batch spans several processes
       predictions.append(logits[:real].argmax(-1))
       labels.append(batch["labels"][:real])
     return metrics_lib.classification(np.concatenate(labels), np.concatenate(predictions))
@@ -71,7 +72,7 @@ def evaluate(predict: Callable[[Mapping[str, Any]], Any], arrays: Mapping[str, n
     raise ValueError(f"task must be 'classification' or 'sft', got {task!r}")
   total_loss = correct = count = 0.0
   for real, batch in padded_batches(arrays, batch_size, limit):
-    logits = np.asarray(predict(batch), np.float32)[:real, :-1]
+    logits = _host.to_host(predict(batch)).astype(np.float32)[:real, :-1]
     targets = batch["input_ids"][:real, 1:]
     weights = batch["loss_mask"][:real, 1:].astype(np.float32)
     shifted = logits - logits.max(-1, keepdims=True)
