@@ -183,3 +183,12 @@ def test_whole_rows_and_columns_take_the_structured_product():
   m = _mask((96, 64), 96 * 64 // 32)
   k = m.num_trainable
   assert np.isnan(np.asarray(sb.structured_grad(x, dy, m, poison))).all()
+
+
+def test_the_job_takes_the_choice_and_keeps_it_out_of_the_run_identity():
+  from spra_jax.finetune import FinetuneConfig
+
+  with pytest.raises(ValueError, match="sparse_backward must be 'auto', 'sampled' or 'dense', got 'fast'"):
+    FinetuneConfig(sparse_backward="fast")
+  # A cost choice, not a result: a run resumes with another one.
+  assert FinetuneConfig(sparse_backward="dense").identity() == FinetuneConfig().identity()
