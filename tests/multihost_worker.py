@@ -16,17 +16,13 @@ import os
 import pathlib
 import sys
 
-out, num_processes, process_id, port = pathlib.Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 DEVICES = 4
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={DEVICES // num_processes}"
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if __name__ == "__main__":  # (imported, e.g. by a doctest collection, it only defines things)
+  out, num_processes, process_id, port = pathlib.Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+  os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={DEVICES // num_processes}"
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
-
-if num_processes > 1:
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=num_processes,
-                             process_id=process_id, initialization_timeout=120)
 
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
@@ -48,7 +44,7 @@ def global_array(host, sharding):
   return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
-def main():
+def main(out, num_processes, process_id):
   assert jax.device_count() == DEVICES and jax.process_count() == num_processes
   mesh = sh.make_mesh(fsdp=DEVICES)
   host_params = jax.tree.map(np.asarray, tl.init_params())
@@ -98,4 +94,8 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  if num_processes > 1:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=num_processes,
+                               process_id=process_id, initialization_timeout=300)
+  main(out, num_processes, process_id)

@@ -134,7 +134,10 @@ def test_bad_inputs_name_what_was_expected(tmp_path, reviews_csv, tokenizer):
     run(config(tmp_path, reviews_csv, label_column="sentiment"), tokenizer)
 
 
-def test_ctrl_c_saves_the_last_step_and_the_resume_is_exact(tmp_path, reviews_csv, tokenizer, monkeypatch):
+def test_ctrl_c_saves_the_last_step_and_the_resume_is_exact(tmp_path, reviews_csv, tokenizer, monkeypatch, request):
+  # Python's own handler to start from, whatever an earlier test in this worker process left installed.
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
   straight, _ = run(config(tmp_path / "a", reviews_csv, lr=None), tokenizer)  # the default rate, 0.02
   original, calls = recipes.Run.step, []
 
