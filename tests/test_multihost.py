@@ -28,6 +28,19 @@ def _free_port():
     return s.getsockname()[1]
 
 
+def _run_together(runs):
+  """Starts every ``(argv, env)`` at once, waits for all (bounded), and asserts each exited 0."""
+  procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+           for cmd, env in runs]
+  try:
+    outputs = [p.communicate(timeout=TIMEOUT_S)[0] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  for p, text in zip(procs, outputs):
+    assert p.returncode == 0, text[-3000:]
+
+
 def test_two_processes_match_one_process_and_save_one_adapter(tmp_path):
   lone, cluster = tmp_path / "one", tmp_path / "two"
   lone.mkdir()
@@ -36,14 +49,7 @@ def test_two_processes_match_one_process_and_save_one_adapter(tmp_path):
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
   cmds = [[sys.executable, str(WORKER), str(lone), "1", "0", "0"],
           *[[sys.executable, str(WORKER), str(cluster), "2", str(i), port] for i in (0, 1)]]
-  procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) for c in cmds]
-  try:
-    outputs = [p.communicate(timeout=TIMEOUT_S)[0] for p in procs]
-  finally:
-    for p in procs:
-      p.kill()
-  for p, text in zip(procs, outputs):
-    assert p.returncode == 0, text[-3000:]
+  _run_together([(c, env) for c in cmds])
 
   ref = json.loads((lone / "losses-0.json").read_text())
   for i in (0, 1):
@@ -87,16 +93,7 @@ def test_the_job_on_two_processes_writes_one_run_equal_to_one_process(tmp_path, 
   runs = [(argv(tmp_path / "one"), "4"),
           *[(argv(tmp_path / "two", "--distributed", "--coordinator-address", f"127.0.0.1:{port}",
                   "--num-processes", "2", "--process-id", str(i)), "2") for i in (0, 1)]]
-  procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**env, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"})
-           for cmd, n in runs]
-  try:
-    outputs = [p.communicate(timeout=TIMEOUT_S)[0] for p in procs]
-  finally:
-    for p in procs:
-      p.kill()
-  for p, text in zip(procs, outputs):
-    assert p.returncode == 0, text[-3000:]
+  _run_together([(cmd, {**env, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}) for cmd, n in runs])
 
   one, two = tmp_path / "one", tmp_path / "two"
   rows = {d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (one, two)}
@@ -115,17 +112,9 @@ def test_the_job_on_two_processes_writes_one_run_equal_to_one_process(tmp_path, 
 
   # Resume on the cluster: from the checkpoint of step 4, steps 5..8 run again and are logged once, as before.
   port = str(_free_port())
-  resumed = [subprocess.Popen(argv(two, "--distributed", "--coordinator-address", f"127.0.0.1:{port}",
-                                   "--num-processes", "2", "--process-id", str(i), "--resume"),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}) for i in (0, 1)]
-  try:
-    outputs = [p.communicate(timeout=TIMEOUT_S)[0] for p in resumed]
-  finally:
-    for p in resumed:
-      p.kill()
-  for p, text in zip(resumed, outputs):
-    assert p.returncode == 0, text[-3000:]
+  _run_together([(argv(two, "--distributed", "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2",
+                       "--process-id", str(i), "--resume"),
+                  {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}) for i in (0, 1)])
   again = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
   assert [(r["step"], r["split"]) for r in again] == [(r["step"], r["split"]) for r in rows[two]]
   for a, b in zip(rows[two], again):

@@ -535,6 +535,19 @@ def check_goals(model: Model, placement: str, rows: dict[str, dict], largest_lea
   return goals
 
 
+def measure(runners: list[Runner], args) -> None:
+  """Compiles and warms every runner, then times them side by side: ``rounds`` round-robin rounds of ``steps``."""
+  for r in runners:
+    r.compile()
+    r.step()  # warm-up
+  for _ in range(args.rounds):
+    for r in runners:
+      for _ in range(args.steps):
+        t0 = time.perf_counter()
+        r.step()
+        r.times_ms.append((time.perf_counter() - t0) * 1e3)
+
+
 def run_model(model: Model, args) -> dict[str, dict]:
   """Builds, compiles and times every method of every placement of ``model``."""
   shared = [full_runner(model), floor_runner(model)]
@@ -555,15 +568,7 @@ def run_model(model: Model, args) -> dict[str, dict]:
     )
   runners = shared + [r for _, rs, *_ in per_placement.values() for r in rs]
 
-  for r in runners:
-    r.compile()
-    r.step()  # warm-up
-  for _ in range(args.rounds):
-    for r in runners:
-      for _ in range(args.steps):
-        t0 = time.perf_counter()
-        r.step()
-        r.times_ms.append((time.perf_counter() - t0) * 1e3)
+  measure(runners, args)
 
   out = {}
   shared_stats = {r.method: r.stats() for r in shared}
@@ -657,15 +662,7 @@ def sweep(args) -> dict:
       if path != "dense":  # FLOPs from one chunk: XLA counts a loop body once (see lean_runner)
         r.flops_step = grad_fn(spra.sparse_backward.Backward(mode=mode, chunk_bytes=1 << 62))
       cases.append(r)
-  for r in cases:
-    r.compile()
-    r.step()
-  for _ in range(args.rounds):
-    for r in cases:
-      for _ in range(args.steps):
-        t0 = time.perf_counter()
-        r.step()
-        r.times_ms.append((time.perf_counter() - t0) * 1e3)
+  measure(cases, args)
   base = forward.stats()
   rows_out = []
   for density in densities:
