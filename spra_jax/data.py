@@ -44,10 +44,12 @@ import numpy as np
 __all__ = [
     "Position",
     "SHIPPED",
+    "TokenizedSplit",
     "available",
     "batches",
     "load",
     "num_batches",
+    "take",
     "num_rows",
     "peek_columns",
     "tokenize_classification",
@@ -523,6 +525,67 @@ def tokenize_sft(
   return {"input_ids": ids, "attention_mask": attention, "loss_mask": loss}
 
 
+class TokenizedSplit:
+  """A split that is tokenised on demand: only the rows a batch asks for, when it asks (:func:`take`).
+
+  What each process of a cluster uses for its share of every global batch: no process tokenises (or holds) the
+  whole dataset. :func:`batches`, :func:`num_rows` and ``spra.recipes.evaluate`` take it wherever they take the
+  dict of arrays that :func:`tokenize_classification` / :func:`tokenize_sft` return; both give the same rows,
+  since each row is padded to the same fixed length on its own.
+
+  Args:
+    ds: a ``datasets.Dataset`` split.
+    tokenize: ``tokenize(sub_dataset) -> {name: array}``, e.g.
+      ``functools.partial(tokenize_classification, tokenizer=tok, max_length=64)``.
+    columns: arrays read straight from the dataset without tokenising, ``{name: column}`` (e.g. the labels,
+      ``{'labels': 'label'}``), so ``split['labels']`` needs no tokenisation.
+
+  Example:
+
+  >>> import datasets, functools, transformers
+  >>> ds = datasets.Dataset.from_dict({"text": ["good", "bad film", "fine"], "label": [1, 0, 1]})
+  >>> tok = transformers.AutoTokenizer.from_pretrained(_minilm_dir())
+  >>> split = TokenizedSplit(ds, functools.partial(tokenize_classification, tokenizer=tok, max_length=8),
+  ...                        columns={"labels": "label"})
+  >>> len(split), take(split, [2, 0])["labels"].tolist(), split["labels"].tolist()
+  (3, [1, 1], [1, 0, 1])
+  """
+
+  def __init__(self, ds: Any, tokenize: Callable[[Any], dict[str, np.ndarray]], *,
+               columns: Mapping[str, str] | None = None):
+    self._ds, self._tokenize, self._columns = ds, tokenize, dict(columns or {})
+    self._all: dict[str, np.ndarray] | None = None
+
+  def __len__(self) -> int:
+    return len(self._ds)
+
+  def take(self, rows: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
+    """The tokenised arrays of ``rows`` (in that order; a row may repeat)."""
+    return self._tokenize(self._ds.select(np.asarray(rows, np.int64)))
+
+  def __getitem__(self, name: str) -> np.ndarray:
+    """One array over every row: a ``columns`` entry is read from the dataset; others tokenise the whole split once."""
+    if name in self._columns:
+      return np.asarray(self._ds[self._columns[name]])
+    if self._all is None:
+      self._all = self._tokenize(self._ds)
+    return self._all[name]
+
+  def __repr__(self) -> str:
+    return f"TokenizedSplit({len(self)} rows, tokenised on demand)"
+
+
+def take(arrays: Mapping[str, np.ndarray] | TokenizedSplit, rows: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
+  """The rows ``rows`` of a tokenised split (a dict of arrays, or a :class:`TokenizedSplit`, tokenised now).
+
+  >>> take({"x": np.arange(5)}, [3, 1])["x"].tolist()
+  [3, 1]
+  """
+  if isinstance(arrays, TokenizedSplit):
+    return arrays.take(rows)
+  return {k: np.asarray(v)[np.asarray(rows)] for k, v in arrays.items()}
+
+
 @dataclasses.dataclass(frozen=True)
 class Position:
   """Where a run is in its data: the epoch and the batch within it.
@@ -557,6 +620,8 @@ def num_rows(arrays: Mapping[str, np.ndarray]) -> int:
   >>> num_rows({"input_ids": np.zeros((3, 8)), "labels": np.zeros(3)})
   3
   """
+  if isinstance(arrays, TokenizedSplit):
+    return len(arrays)
   sizes = {k: len(v) for k, v in arrays.items()}
   if len(set(sizes.values())) != 1:
     raise ValueError(f"all arrays must have the same number of rows, got {sizes}")
@@ -571,6 +636,7 @@ def batches(
     shuffle: bool = True,
     start: Position = Position(),
     drop_remainder: bool = True,
+    share: slice | None = None,
 ) -> Iterator[tuple[Position, dict[str, np.ndarray]]]:
   """Yields ``(position, batch)`` forever, epoch after epoch, from ``start``.
 
@@ -586,6 +652,9 @@ def batches(
     shuffle: shuffle each epoch (otherwise rows come in order).
     start: the position to start from.
     drop_remainder: skip the last partial batch, so every batch has one shape.
+    share: yield only these rows of each batch (a process's share of a global batch on a cluster, see
+      ``spra.sharding.process_rows``); only they are read, or tokenised from a :class:`TokenizedSplit`. The
+      order and the positions are those of the whole batches.
 
   Example:
 
@@ -608,4 +677,4 @@ def batches(
     for b in range(position.batch, per_epoch):
       rows = order[b * batch_size: (b + 1) * batch_size]
       position = Position(position.epoch, b).advance(per_epoch)
-      yield position, {k: np.asarray(v)[rows] for k, v in arrays.items()}
+      yield position, take(arrays, rows if share is None else rows[share])

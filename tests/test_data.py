@@ -153,3 +153,34 @@ def test_batches_resume_exactly():
     assert pos == pos2 and np.array_equal(batch["x"], batch2["x"])
   with pytest.raises(ValueError, match="larger than the 23 rows"):
     next(data.batches(arrays, 24))
+
+
+def test_a_split_tokenised_on_demand_gives_each_share_the_rows_of_the_whole(rt, minilm_tokenizer):
+  import functools
+
+  from spra_jax import recipes
+
+  split = rt["validation"].select(range(40))
+  tokenize = functools.partial(data.tokenize_classification, tokenizer=minilm_tokenizer, max_length=16)
+  whole = tokenize(split)
+  calls = []
+
+  def counted(ds):
+    calls.append(len(ds))
+    return tokenize(ds)
+
+  lazy = data.TokenizedSplit(split, counted, columns={"labels": "label"})
+  assert data.num_rows(lazy) == 40 and calls == []
+  np.testing.assert_array_equal(lazy["labels"], whole["labels"])
+  assert calls == []  # the labels come from the dataset
+  full, half = data.batches(whole, 8, seed=3), data.batches(lazy, 8, seed=3, share=slice(4, 8))
+  for _ in range(7):  # across an epoch boundary (5 batches per epoch)
+    (pos_a, a), (pos_b, b) = next(full), next(half)
+    assert pos_a == pos_b
+    for k in whole:
+      np.testing.assert_array_equal(b[k], a[k][4:8], err_msg=k)
+  assert calls == [4] * 7  # only the share's rows were tokenised, batch by batch
+  # Evaluation over a share: the same padded batches, each process scoring the rows it feeds.
+  rows = [b["labels"] for _, b in recipes.padded_batches(lazy, 16, share=slice(0, 8))]
+  assert [len(r) for r in rows] == [8, 8, 8]
+  np.testing.assert_array_equal(rows[2], whole["labels"][[32, 33, 34, 35, 36, 37, 38, 39]])

@@ -1,4 +1,4 @@
-"""Two JAX processes (2 CPU devices each, gloo) train, save and load as one process with 4 devices does.
+"""Two JAX processes (4 CPU devices each, gloo) train, save and load as one process with 8 devices does.
 
 ``tests/multihost_worker.py`` is the program; here it runs once as a lone process and once as a 2-process cluster on
 127.0.0.1, all three processes at the same time. The values are compared, not only the completion: CPU collectives
@@ -14,6 +14,7 @@ import sys
 
 import jax
 import numpy as np
+import safetensors.numpy
 
 import spra_jax as spra
 from spra_jax.checkpoint import _files
@@ -69,6 +70,13 @@ def test_two_processes_match_one_process_and_save_one_adapter(tmp_path):
     config_a, config_b = spra.load_adapter_config(lone / name), spra.load_adapter_config(cluster / name)
     assert config_b["base_fingerprint"] == config_a["base_fingerprint"] is not None
     assert _files.leftovers(cluster / name) == []  # one adapter published, no staging left by either process
+  dense = [spra.checkpoint.load_dense_adapter(d / "dense")[0]["lm_head"]["kernel"] for d in (lone, cluster)]
+  np.testing.assert_allclose(np.asarray(dense[1]), np.asarray(dense[0]), atol=1e-5, rtol=0)
+  merged = [safetensors.numpy.load_file(str(d / "merged" / "model.safetensors")) for d in (lone, cluster)]
+  assert sorted(merged[0]) == sorted(merged[1]) and len(merged[0]) > 10
+  for name in merged[0]:
+    np.testing.assert_allclose(merged[1][name], merged[0][name], atol=1e-5, rtol=0, err_msg=name)
+  assert _files.leftovers(cluster / "dense") == _files.leftovers(cluster / "merged") == []
 
 
 def test_the_job_on_two_processes_writes_one_run_equal_to_one_process(tmp_path, tiny_llama_dir):

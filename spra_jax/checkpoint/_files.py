@@ -19,9 +19,13 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+
+from spra_jax import _host
 
 _RENAME_NOREPLACE = 1  # linux/fs.h
 _RENAME_EXCHANGE = 2
@@ -272,3 +276,79 @@ def leftovers(final: Path) -> list[Path]:
     return []
   prefix = f".{final.name}."
   return sorted(p for p in final.parent.iterdir() if p.name.startswith(prefix))
+
+
+@contextlib.contextmanager
+def shared_output(final: Path, *, overwrite: bool, what: str) -> Iterator[Path | None]:
+  """:func:`atomic_output` of a directory for code that every process of a cluster runs (one process: the same).
+
+  Every process enters the block (it may run collectives, e.g. gathering arrays to the host); process 0 gets the
+  temporary directory to write into, the others ``None`` (they write nothing). ``final`` is checked by every
+  process before any writes; it is published only when the block succeeded on every process, and every process
+  then returns, or raises, alike: an error of process 0's write is raised on all, never a half-written directory.
+
+  Raises:
+    FileExistsError: ``final`` exists and ``overwrite`` is False (on every process, before anything is written).
+    OSError: another process failed (its own error says why); nothing was published.
+  """
+  if not _host.multiprocess():
+    if final.exists() and not overwrite:
+      raise FileExistsError(f"{final} already exists; pass overwrite=True to replace it.")
+    with atomic_output(final, overwrite=overwrite) as tmp:
+      yield tmp
+    return
+  if not _host.all_agree(overwrite or not final.exists()):
+    raise FileExistsError(f"{final} already exists; pass overwrite=True to replace it.")
+  _host.barrier(f"spra_jax {what} checked {final}")  # every process looked before process 0 writes
+  error: BaseException | None = None
+  output = tmp = None
+  if _host.is_primary():
+    try:
+      output = atomic_output(final, overwrite=overwrite)
+      tmp = output.__enter__()
+    except BaseException as e:  # noqa: BLE001  (raised below, once the other processes know)
+      error, output = e, None
+  try:
+    yield tmp if error is None else None
+  except BaseException as e:  # noqa: BLE001
+    error = error or e
+  everyone = _host.all_agree(error is None)
+  if output is not None:
+    if everyone:
+      try:
+        output.__exit__(None, None, None)  # publishes
+      except BaseException as e:  # noqa: BLE001
+        error = e
+    else:
+      failure = error or OSError(f"another process failed while writing {final}")
+      with contextlib.suppress(BaseException):
+        output.__exit__(type(failure), failure, failure.__traceback__)  # removes the temporary directory
+  published = bool(_host.broadcast_from_primary(np.int32(everyone and error is None)))
+  if error is not None:
+    raise error
+  if not published:
+    raise OSError(f"{what}: another process failed to write {final} (its error says why); nothing was published.")
+
+
+def on_primary(write: Callable[[], None], *, what: str) -> None:
+  """Runs ``write()`` on process 0 only (everywhere on one process); every process returns, or raises, alike.
+
+  For files that are published one by one (each atomically) rather than as one directory.
+
+  Raises:
+    OSError: on the other processes, when process 0's ``write`` failed (process 0 raises its own error).
+  """
+  if not _host.multiprocess():
+    write()
+    return
+  error: BaseException | None = None
+  if _host.is_primary():
+    try:
+      write()
+    except BaseException as e:  # noqa: BLE001  (raised below, once the other processes know)
+      error = e
+  ok = bool(_host.broadcast_from_primary(np.int32(error is None)))
+  if error is not None:
+    raise error
+  if not ok:
+    raise OSError(f"{what}: process 0 failed to write (its error says why).")

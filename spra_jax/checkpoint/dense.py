@@ -63,6 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from spra_jax import _host
 from spra_jax._version import __version__
 from spra_jax.checkpoint import _files, _format
 from spra_jax.checkpoint._format import ARRAYS_DIR, CONFIG_NAME, DENSE_FORMAT, DENSE_FORMAT_VERSION
@@ -85,12 +86,7 @@ def _host_leaf(path: str, x: Any) -> np.ndarray:
     )
   if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
     raise TypeError(f"variables leaf {path!r} holds PRNG keys; store jax.random.key_data of them instead.")
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    raise ValueError(
-        f"variables leaf {path!r} is sharded over several processes; save_dense_adapter reads every array on this "
-        f"process. Gather it first, or save it with spra.checkpoint.TrainCheckpointer."
-    )
-  return np.asarray(jax.device_get(x))
+  return _host.to_host(x)  # gathered from every process when it spans several (collective then)
 
 
 def save_dense_adapter(
@@ -106,7 +102,8 @@ def save_dense_adapter(
     directory: where the adapter goes. It must not exist unless ``overwrite``.
     variables: a tree of arrays: nested dicts (str or int keys) or lists, e.g.
       ``nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam))``. Every leaf must be
-      a ``jax.Array`` or ``numpy.ndarray`` addressable from this process.
+      a ``jax.Array`` or ``numpy.ndarray``. On a multi-process cluster every process calls this (arrays that
+      span processes are gathered; process 0 writes the one adapter).
     metadata: JSON provenance, stored under ``metadata`` as given (numpy
       scalars become numbers, tuples lists). A ``method`` key (``"lora"``,
       ``"full"``) is named by the error :func:`~spra_jax.load_adapter` raises
@@ -120,8 +117,7 @@ def save_dense_adapter(
     FileExistsError: ``directory`` exists and ``overwrite`` is False.
     TypeError: ``metadata`` that is not JSON, or a leaf that is not an array;
       raised before anything is written.
-    ValueError: an empty tree, two leaves with the same path, or an array
-      sharded over several processes.
+    ValueError: an empty tree, or two leaves with the same path.
 
   Warns:
     UserWarning: a leaf holds NaN or inf values (the message names it); they
@@ -186,12 +182,14 @@ def save_dense_adapter(
   }
   config[_format.TABLE_DIGEST] = _format.table_digest(config)
   _format.nonfinite_warning("save_dense_adapter: variables", named, stacklevel=2)
-  with _files.atomic_output(final, overwrite=overwrite) as tmp:
-    if arrays:
-      with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(tmp / ARRAYS_DIR, arrays)
-        ckptr.wait_until_finished()
-    _files.write_json(tmp / CONFIG_NAME, config)
+  # On a cluster every process has every array by now (gathered above): process 0 writes the one adapter.
+  with _files.shared_output(final, overwrite=overwrite, what="save_dense_adapter") as tmp:
+    if tmp is not None:
+      if arrays:
+        with ocp.StandardCheckpointer(multiprocessing_options=_format.this_process_only()) as ckptr:
+          ckptr.save(tmp / ARRAYS_DIR, arrays)
+          ckptr.wait_until_finished()
+      _files.write_json(tmp / CONFIG_NAME, config)
   return final
 
 

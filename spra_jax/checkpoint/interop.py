@@ -76,7 +76,7 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 
-from spra_jax import _torch_names
+from spra_jax import _host, _torch_names
 from spra_jax._torch_names import default_to_torch_layout, default_torch_name
 from spra_jax.checkpoint import _files
 from spra_jax.delta import SparseDelta, merge
@@ -310,7 +310,7 @@ def export_peft_sparta(
       if path is not None:
         if path not in leaves:
           raise ValueError(f"params has no leaf {path!r} (the delta's {names[path]!r}).")
-        initial[path] = np.asarray(jax.device_get(leaves[path]), np.float32)
+        initial[path] = _host.to_host(leaves[path]).astype(np.float32)
   if base_vocab_size is not None and embed_path is None:
     raise ValueError(f"base_vocab_size is set, but the delta has no leaf named '*{_EMBEDDINGS_SUFFIX}'.")
 
@@ -329,10 +329,12 @@ def export_peft_sparta(
       starts[embed_path] = (NEW_EMBEDDINGS_INIT_FILE, "new_embeddings", rows[base_vocab_size:])
 
   out_dir = _files.absolute(directory)
-  out_dir.mkdir(parents=True, exist_ok=True)
   tensors: dict[str, np.ndarray] = {}
   for (p, m), v in zip(flat, values):
     path = path_str(p)
+    # On a cluster, the indices and values gathered to every process (collective), where they span several.
+    m = m if m.kind != "sparse" else LeafMask.sparse(m.shape, _host.to_host(m.indices), blocks=m.blocks)
+    v = None if v is None else _host.to_host(v)
     layout = _Layout(path, m.shape, to_torch_layout)
     name = names[path]
     if path == head_path and m.kind != FULL:
@@ -355,14 +357,19 @@ def export_peft_sparta(
       deltas = np.asarray(v, np.float32)[order]
     tensors[f"indices.{name}"] = np.ascontiguousarray(coords)
     tensors[f"deltas.{name}"] = np.ascontiguousarray(deltas)
-  for name, key, array in starts.values():
-    _save_one(out_dir / name, key, array)
-  target = out_dir / SPARSE_DELTAS_FILE
-  with _files.atomic_output(target, overwrite=True, directory=False) as tmp:
-    safetensors.numpy.save_file(tensors, str(tmp), metadata={"format": "pt"})
   cfg["sparta_pretrained_model"] = base
-  with _files.atomic_output(out_dir / "config.json", overwrite=True, directory=False) as tmp:
-    _files.write_json(tmp, json.loads(json.dumps(cfg, default=str)))
+  target = out_dir / SPARSE_DELTAS_FILE
+
+  def write() -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, key, array in starts.values():
+      _save_one(out_dir / name, key, array)
+    with _files.atomic_output(target, overwrite=True, directory=False) as tmp:
+      safetensors.numpy.save_file(tensors, str(tmp), metadata={"format": "pt"})
+    with _files.atomic_output(out_dir / "config.json", overwrite=True, directory=False) as tmp:
+      _files.write_json(tmp, json.loads(json.dumps(cfg, default=str)))
+
+  _files.on_primary(write, what="export_peft_sparta")  # the files once, whichever processes export
   return target
 
 
@@ -624,20 +631,25 @@ def export_merged(
     shards[-1].append(it)
     size += it[5]
 
-  with _files.atomic_output(final, overwrite=overwrite) as tmp:
+  # On a cluster every process merges and gathers each leaf (collectives), and process 0 writes the files.
+  with _files.shared_output(final, overwrite=overwrite, what="export_merged") as tmp:
     n = len(shards)
     weight_map = {}
     for i, shard in enumerate(shards, start=1):
       fname = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
       tensors = {}
       for path, name, x, m, v, _ in shard:
-        host = np.asarray(jax.device_get(_merged_leaf(x, m, v)))
-        tensors[name] = np.ascontiguousarray(_Layout(path, host.shape, to_torch_layout).to_torch(host))
+        host = _host.to_host(_merged_leaf(x, m, v))
+        if tmp is not None:
+          tensors[name] = np.ascontiguousarray(_Layout(path, host.shape, to_torch_layout).to_torch(host))
         weight_map[name] = fname
-      safetensors.numpy.save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+      if tmp is not None:
+        safetensors.numpy.save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
       del tensors
-    if n > 1:
-      index = {"metadata": {"total_size": sum(it[5] for it in items)}, "weight_map": dict(sorted(weight_map.items()))}
-      _files.write_json(tmp / "model.safetensors.index.json", index)
-    _files.write_json(tmp / "config.json", json.loads(json.dumps(dict(config), default=str)))
+    if tmp is not None:
+      if n > 1:
+        index = {"metadata": {"total_size": sum(it[5] for it in items)},
+                 "weight_map": dict(sorted(weight_map.items()))}
+        _files.write_json(tmp / "model.safetensors.index.json", index)
+      _files.write_json(tmp / "config.json", json.loads(json.dumps(dict(config), default=str)))
   return final

@@ -62,7 +62,10 @@ from spra_jax import _host, compact
 from spra_jax._version import __version__
 from spra_jax.checkpoint import _files, _format
 from spra_jax.lean import LeanState
-from spra_jax.masks import FROZEN, FULL, LeafMask, validate
+from spra_jax.masks import FROZEN, FULL, SPARSE, LeafMask, is_leaf_mask, path_str, validate
+from spra_jax.delta import SparseDelta
+from spra_jax.sharding.relayout import map_compact, relayout_masks
+from spra_jax.transform import SparseMaskedState
 
 __all__ = ["TrainCheckpoint", "TrainCheckpointer", "trained_entries", "with_trained_entries"]
 
@@ -88,8 +91,7 @@ def _write_leaf(m: LeafMask, base: Any, entries: Any) -> Any:
     return base
   if m.kind == FULL:
     return jnp.asarray(entries, base.dtype).reshape(m.shape)
-  flat = jnp.reshape(base, (-1,)).at[m.indices].set(jnp.asarray(entries, base.dtype), **compact.INDEX_HINTS)
-  return flat.reshape(m.shape)
+  return compact.put(base, m, entries)  # block by block for a shard-local mask (its indices are sorted per block)
 
 
 def with_trained_entries(base_params: Any, mask: Any, entries: Any) -> Any:
@@ -178,6 +180,89 @@ def _abstract(x: Any, sharding: Any = None) -> jax.ShapeDtypeStruct:
 
 # The JSON entry listing the zero-size arrays of a checkpoint (Orbax refuses to write them; see the module docstring).
 _EMPTY = "empty_arrays"
+# The JSON entry giving the shard grid (LeafMask.blocks) of every sparse mask leaf in the saved state, in tree order.
+_LAYOUTS = "mask_layouts"
+
+
+def _sparse_masks(state: Any) -> list[tuple[str, LeafMask]]:
+  flat = jax.tree_util.tree_flatten_with_path(state, is_leaf=is_leaf_mask)[0]
+  return [(path_str(p), m) for p, m in flat if isinstance(m, LeafMask) and m.kind == SPARSE]
+
+
+def _layouts(state: Any) -> list[dict[str, Any]]:
+  return [{"path": p, "k": m.num_trainable, "blocks": None if m.blocks is None else list(m.blocks)}
+          for p, m in _sparse_masks(state)]
+
+
+def _fitting(sharding: Any, k: int) -> Any:
+  """``sharding`` for a ``[k]`` vector if it splits k evenly, else replicated on its mesh (or None)."""
+  if not isinstance(sharding, jax.sharding.NamedSharding):
+    return sharding
+  if k % math.prod(sharding.mesh.shape[a] for a in _spec_axes(sharding.spec)) == 0:
+    return sharding
+  return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+
+
+def _spec_axes(spec: Any) -> list[str]:
+  return [a for entry in spec if entry is not None for a in (entry if isinstance(entry, tuple) else (entry,))]
+
+
+def _with_saved_counts(like: Any, layouts: list[dict[str, Any]]) -> Any:
+  """``like`` with each sparse mask leaf, and the compact vectors that follow it, sized to the checkpoint's count.
+
+  A state built on another mesh may hold a few more or fewer entries per leaf than the saved one (a leaf cut into
+  n blocks trains ``n * round(k / n)``); its arrays become ``ShapeDtypeStruct`` of the saved sizes, so that the
+  restore reads the trained mask whatever the like's own count.
+  """
+  records = iter(layouts)
+  if len(_sparse_masks(like)) != len(layouts):
+    return like  # not the checkpoint's masks: the shape checks will say where they differ
+
+  def one(x: Any) -> Any:
+    if isinstance(x, LeafMask):
+      record = next(records) if x.kind == SPARSE else None
+      if record is None or record["k"] == x.num_trainable:
+        return x
+      return LeafMask.sparse(x.shape, _sized(x.indices, record["k"]), blocks=x.blocks)
+    if not isinstance(x, (LeanState, SparseMaskedState, SparseDelta)):
+      return x
+    mask = x.delta.mask if isinstance(x, LeanState) else x.mask
+    sizes = {p: next(records)["k"] for p, _ in _sparse_masks(mask)}
+    touched = {p for p, m in _sparse_masks(mask) if sizes[p] != m.num_trainable}
+    return map_compact(x, touched,
+                       lambda p, m: LeafMask.sparse(m.shape, _sized(m.indices, sizes[p]), blocks=m.blocks),
+                       lambda p, m, v: _sized(v, sizes[p]))
+
+  return jax.tree.map(one, like, is_leaf=lambda x: isinstance(x, (LeafMask, LeanState, SparseMaskedState,
+                                                                  SparseDelta)))
+
+
+def _sized(x: Any, k: int) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct((k,), x.dtype, sharding=_fitting(getattr(x, "sharding", None), k))
+
+
+def _as_saved(state: Any, layouts: list[dict[str, Any]], where: str) -> tuple[Any, dict[int, Any]]:
+  """The restored ``state`` with each sparse mask leaf's grid set back to the one it was saved with.
+
+  A restored mask takes its static grid from ``like`` but its indices from the checkpoint, so where the two grids
+  differ (``like`` built on another mesh) the leaf must first say how its indices are really ordered. Returns the
+  state and, per leaf object whose grid changed, the grid ``like`` asked for.
+  """
+  masks = _sparse_masks(state)
+  if [p for p, _ in masks] != [r["path"] for r in layouts]:
+    raise ValueError(f"{where}: the masks of the like tree are not the ones the checkpoint holds "
+                     f"({len(masks)} sparse mask leaves in like, {len(layouts)} saved).")
+  saved = {id(m): (None if r["blocks"] is None else tuple(r["blocks"])) for (_, m), r in zip(masks, layouts)}
+  wanted: dict[int, Any] = {}
+
+  def one(m: Any) -> Any:
+    if not isinstance(m, LeafMask) or id(m) not in saved or saved[id(m)] == m.blocks:
+      return m
+    fixed = LeafMask.sparse(m.shape, m.indices, blocks=saved[id(m)])
+    wanted[id(fixed)] = m.blocks
+    return fixed
+
+  return jax.tree.map(one, state, is_leaf=is_leaf_mask), wanted
 
 
 def _label(key: tuple[str, ...]) -> str:
@@ -355,6 +440,7 @@ class TrainCheckpointer:
         "data_position": _format.jsonable(data_position, "data_position"),
         "metadata": _format.jsonable(dict(metadata or {}), "metadata"),
         "rng": None,
+        _LAYOUTS: _layouts(state),
     }
     tree = {"state": _storable(state)}
     if rng is not None:
@@ -435,6 +521,8 @@ class TrainCheckpointer:
       )
 
     meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    if meta.get(_LAYOUTS) is not None:
+      like = _with_saved_counts(like, meta[_LAYOUTS])
     if shardings is None:
       abstract_state = jax.tree.map(_abstract, like)
     elif isinstance(shardings, jax.sharding.Sharding):
@@ -465,12 +553,21 @@ class TrainCheckpointer:
                               for x, r in zip(leaves, treedef.flatten_up_to(read))])
 
     state = _unstorable(tree["state"], abstract_state)
+    where = f"checkpoint {step} in {self.directory}"
+    wanted = {}
+    if meta.get(_LAYOUTS) is not None:  # (older checkpoints record none: like's grid is assumed)
+      state, wanted = _as_saved(state, meta[_LAYOUTS], where)
     if has_lean:
       state = jax.tree.map(
           lambda x: x._replace(params=with_trained_entries(base_params, x.delta.mask, x.params)) if _is_lean(x) else x,
           state,
           is_leaf=_is_lean,
       )
+    if wanted:
+      # Saved on another shard grid: the same entries re-laid for like's grid, with every compact vector that
+      # follows them, so that the update stays collective-free on the new mesh (or, where the entries do not
+      # split evenly over the new blocks, kept as saved, with a warning).
+      state = relayout_masks(state, lambda path, m: wanted.get(id(m), m.blocks), where=where)
     rng = None
     if rng_info is not None:
       rng = jax.random.wrap_key_data(tree["rng"], impl=rng_info["impl"]) if rng_info["typed"] else tree["rng"]

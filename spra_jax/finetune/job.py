@@ -112,7 +112,16 @@ class Job:
       _check_batch_on_mesh(config.batch_size // config.grad_accum_steps, self.mesh,
                            microbatches=config.grad_accum_steps)
     self.preset_rules = dict(preset_rules or {})
-    self.arrays = {name: self._tokenize(split) for name, split in self.dataset.items()}
+    # On a cluster each process tokenises only its share of each global batch, when the batch comes (the rows its
+    # devices hold); on one process the splits are tokenised up front, in one call each.
+    self.share: slice | None = None
+    if self.mesh is not None and _host.multiprocess():
+      self.share = _host.process_rows(sharding_lib.batch_sharding(self.mesh, 1), (config.batch_size,))
+      columns = {"labels": config.label_column} if self.task == "classification" else None
+      self.arrays = {name: data_lib.TokenizedSplit(split, self._tokenize, columns=columns)
+                     for name, split in self.dataset.items()}
+    else:
+      self.arrays = {name: self._tokenize(split) for name, split in self.dataset.items()}
 
   def _tokenize(self, split: Any) -> dict[str, np.ndarray]:
     c = self.config
@@ -128,16 +137,20 @@ class Job:
     return self.config.lr if self.config.lr is not None else default_lr(self.config.method, self.family)
 
   def place_batch(self, batch: Mapping[str, Any]) -> Mapping[str, Any]:
-    """A batch split over the mesh's ``data`` x ``fsdp`` axes (unchanged without a mesh)."""
+    """A batch split over the mesh's ``data`` x ``fsdp`` axes (unchanged without a mesh).
+
+    On a cluster ``batch`` is this process's share of the global batch (rows ``self.share``), and the result is
+    the global batch of ``config.batch_size`` rows.
+    """
     if self.mesh is None:
       return batch
 
     def place(v):
       sharding = sharding_lib.batch_sharding(self.mesh, np.ndim(v))
-      if jax.process_count() == 1:
+      if self.share is None:
         return jax.device_put(v, sharding)
-      host = np.asarray(v)  # every process holds the whole batch (same data, same order); each fills its devices
-      return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+      local = np.asarray(v)
+      return jax.make_array_from_process_local_data(sharding, local, (self.config.batch_size, *local.shape[1:]))
 
     return {k: place(v) for k, v in batch.items()}
 
@@ -306,7 +319,7 @@ def _train(job: Job, out: pathlib.Path, *, resume: bool, progress: bool, t_start
   def validation(state: Any, step: int) -> tuple[Any, dict[str, float]]:
     state, predict = run.predictor(state)
     metrics = recipes.evaluate(lambda b: predict(job.place_batch(b)), job.arrays["validation"], task=job.task,
-                               batch_size=config.batch_size, limit=config.eval_examples)
+                               batch_size=config.batch_size, limit=config.eval_examples, share=job.share)
     _append_jsonl(metrics_path, {"step": step, "split": "validation", **metrics})
     line = f"step {step}: validation " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
     bar.write(line) if bar is not None else print(line, flush=True)
@@ -335,7 +348,8 @@ def _train(job: Job, out: pathlib.Path, *, resume: bool, progress: bool, t_start
     elif metrics_path.exists() and _host.is_primary():
       metrics_path.unlink()
 
-    batches = data_lib.batches(job.arrays["train"], config.batch_size, seed=config.seed, start=position)
+    batches = data_lib.batches(job.arrays["train"], config.batch_size, seed=config.seed, start=position,
+                               share=job.share)
     if progress:
       from tqdm.auto import tqdm
       bar = tqdm(total=total, initial=start_step, desc=f"{config.method} {config.model}", unit="step",
@@ -373,7 +387,7 @@ def _train(job: Job, out: pathlib.Path, *, resume: bool, progress: bool, t_start
   state, predict = run.predictor(state)
   nnx.update(job.model, run.trained_variables(state))  # the model object now holds what was trained
   test = recipes.evaluate(lambda b: predict(job.place_batch(b)), job.arrays["test"], task=job.task,
-                          batch_size=config.batch_size, limit=config.test_examples)
+                          batch_size=config.batch_size, limit=config.test_examples, share=job.share)
   _append_jsonl(metrics_path, {"step": total, "split": "test", **test})
   adapter_dir = out / "adapter"
   run.save_adapter(adapter_dir, state, metadata={"config": config.identity(), "base_model": config.model})

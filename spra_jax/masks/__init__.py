@@ -42,7 +42,8 @@ The package has one concept per module, each importing only the ones listed abov
   :func:`uniform` and :func:`bernoulli`;
 * ``structured``: :func:`rows`, :func:`columns`, :func:`blocks`, :func:`top_k`, :func:`magnitude`,
   :func:`fisher_scores`;
-* ``layout``: the shard-local layout of a sharded leaf (its block grid, the sharding of its compact vector);
+* ``layout``: the shard-local layout of a sharded leaf (its block grid, the sharding of its compact vector, a
+  mask re-laid for another grid);
 * ``sampling``: :func:`leaf_roles`, :func:`leaf_key`, :func:`sample_mask`;
 * ``summaries``: :func:`num_trainable`, :func:`summary_rows`, :func:`summary`.
 """
@@ -55,9 +56,11 @@ from spra_jax.masks._choice import _choose_sorted as _choose_sorted
 from spra_jax.masks.distributions import Bernoulli, Distribution, Uniform, available, bernoulli, get, register, uniform
 from spra_jax.masks.distributions import resolve_distribution as resolve_distribution
 from spra_jax.masks.layout import block_budget as block_budget
+from spra_jax.masks.layout import block_counts as block_counts
 from spra_jax.masks.layout import block_grid as block_grid
 from spra_jax.masks.layout import compact_sharding as compact_sharding
 from spra_jax.masks.layout import leaf_sharding as leaf_sharding
+from spra_jax.masks.layout import relayout_leaf as relayout_leaf
 from spra_jax.masks.leaf import (
     FROZEN,
     FULL,
@@ -88,7 +91,8 @@ from spra_jax.masks.structured import (
 from spra_jax.masks.summaries import num_trainable, summary, summary_rows
 
 # What users call. Importable from here but left out (the ``name as name`` imports above): the sharding internals
-# (block_grid, leaf_sharding, compact_sharding, block_budget, also in spra_jax.masks.layout) and the Pattern type and
+# (block_grid, block_counts, leaf_sharding, compact_sharding, block_budget, relayout_leaf, also in
+# spra_jax.masks.layout) and the Pattern type and
 # resolve_distribution that spra.masked uses; and a few private helpers the package's tests reach as masks._name.
 __all__ = [
     "FROZEN",

@@ -34,9 +34,12 @@ counts in equal blocks), so every entry keeps the marginal probability k / size.
 Indices stay unique int32 flat positions; they are globally sorted when the
 blocks are contiguous ranges (only the leading dimension split), and sorted per
 block otherwise (block-major, see :class:`spra.LeafMask`). A mask records its
-grid (``LeafMask.blocks``), which is static metadata: restore a checkpointed
-mask into a target built from a tree with the same grid (the saved state's own
-structure, mapped to ``jax.ShapeDtypeStruct`` with the new shardings).
+grid (``LeafMask.blocks``), which is static metadata. On another mesh,
+:func:`relayout` re-lays a mask and every compact vector that follows it for
+the new grid (``TrainCheckpointer.restore`` does it by itself when the target
+state was built on the new mesh), so the update stays collective-free there;
+a leaf whose entries do not fall evenly into the new blocks keeps its layout
+(correct, but its gathers communicate), or is refused with ``strict=True``.
 
 Multi-host (TPU pods, multi-node GPU): start every process with
 ``jax.distributed.initialize()`` (on Cloud TPU it finds the coordinator by
@@ -47,14 +50,15 @@ is ``fold_in(key, stable_hash(path))`` and each block's ``fold_in(leaf_key,
 j)``, so every host samples the same mask with no communication: sampling
 runs on each host's default device, and each host then fills in its own
 devices' slices of the compact index vectors (``jax.make_array_from_callback``).
-Batches on several hosts are built the same way (or with
-``jax.make_array_from_process_local_data``).
+Batches on several hosts are built from each host's own rows:
+:func:`process_rows` names the rows of a global batch a host's devices hold,
+and ``jax.make_array_from_process_local_data`` makes the global batch of them.
 
 Modules: :mod:`~spra_jax.sharding.mesh` (the mesh and batch splits),
 :mod:`~spra_jax.sharding.rules` (partition-rule machinery),
 :mod:`~spra_jax.sharding.state` (shardings of masks, deltas and optimizer
-states) and :mod:`~spra_jax.sharding.steps` (the sharded steps); every public
-name is here, as ``spra.sharding.<name>``.
+states), :mod:`~spra_jax.sharding.relayout` (masks re-laid for another mesh)
+and :mod:`~spra_jax.sharding.steps` (the sharded steps); every public name is here, as ``spra.sharding.<name>``.
 
 Example:
 
@@ -80,7 +84,9 @@ Example:
 
 from __future__ import annotations
 
+from spra_jax._host import process_rows
 from spra_jax.sharding.mesh import AXES, batch_sharding, make_mesh
+from spra_jax.sharding.relayout import relayout
 from spra_jax.sharding.rules import Rules, param_shardings, partition_specs, shard_params
 from spra_jax.sharding.state import (
     check_shard_local,
@@ -106,6 +112,8 @@ __all__ = [
     "opt_state_shardings",
     "param_shardings",
     "partition_specs",
+    "process_rows",
+    "relayout",
     "shard_params",
     "sharded_lean_step",
     "sharded_train_step",

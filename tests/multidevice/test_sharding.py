@@ -437,3 +437,104 @@ def test_checkpoint_saved_on_8_devices_restores_on_1_and_4(tmp_path):
     spra.masks.validate(restored["delta"].mask, base)
     merged = jax.jit(spra.merge)(jax.device_put(base, shardings), restored["delta"])
     assert_trees_close(merged, tuned, atol=1e-6)
+
+
+# --------------------------------------------------------------------------
+# Restored onto another mesh: the mask re-laid for the new grid.
+# --------------------------------------------------------------------------
+
+
+def dense_of(mask, compact_tree):
+  """Each sparse leaf's compact values scattered into a dense numpy array (order-free: compares layouts)."""
+  out = {}
+  for (path, m), (_, v) in zip(sparse_leaves(mask), sparse_leaves_values(mask, compact_tree)):
+    dense = np.zeros(m.size, np.float32)
+    dense[np.asarray(m.indices)] = np.asarray(v)
+    out[path] = dense
+  return out
+
+
+def sparse_leaves_values(mask, tree):
+  flat_m = jax.tree_util.tree_flatten_with_path(mask, is_leaf=spra.masks.is_leaf_mask)[0]
+  flat_v = jax.tree.structure(mask, is_leaf=spra.masks.is_leaf_mask).flatten_up_to(tree)
+  return [(spra.masks.path_str(p), v) for (p, m), v in zip(flat_m, flat_v) if m.kind == "sparse"]
+
+
+def test_restore_onto_another_mesh_relays_the_mask_and_its_state(tmp_path):
+  base = tl.init_params()
+  old = sh.param_shardings(base, sh.make_mesh(fsdp=8), RULES)
+  params = jax.device_put(base, old)
+  tx = spra.masked(adamw(), density=DENSITY, key=jax.random.key(0), **TRAIN)
+  opt_state = tx.init(params)
+  grads = jax.grad(tl.loss_fn)(params, tl.batches(1)[0])
+  updates, opt_state = jax.jit(tx.update)(grads, opt_state, params)  # moments that differ entry by entry
+  with spra.checkpoint.TrainCheckpointer(tmp_path / "ckpt") as ckpt:
+    ckpt.save(1, {"opt_state": opt_state})
+    ckpt.wait_until_finished()
+    saved_mask = spra.mask_of(opt_state)
+    saved_mu = dense_of(saved_mask, opt_state.inner_state[0].mu)
+    expected, _ = jax.jit(tx.update)(grads, opt_state, params)  # the next update, on the old mesh
+
+    # data=2 x fsdp=4: every new block is two old ones; re-laid, shard-local, collective-free, the same numbers.
+    new = sh.param_shardings(base, sh.make_mesh(data=2, fsdp=4), RULES)
+    moved = jax.device_put(base, new)
+    like = spra.masked(adamw(), density=DENSITY, key=jax.random.key(1), **TRAIN).init(moved)  # another mask
+    restored = ckpt.restore({"opt_state": like}).state["opt_state"]
+    mask = spra.mask_of(restored)
+    relaid = [(p, m.blocks) for p, m in sparse_leaves(mask) if m.blocks != dict(sparse_leaves(saved_mask))[p].blocks]
+    assert relaid and all(b is not None and max(b) == 4 for _, b in relaid), relaid
+    sh.check_shard_local(mask, new)
+    spra.masks.validate(mask, base)
+    for (p, a), (_, b) in zip(sparse_leaves(mask), sparse_leaves(saved_mask)):
+      assert set(np.asarray(a.indices).tolist()) == set(np.asarray(b.indices).tolist()), p
+    got_mu = dense_of(mask, restored.inner_state[0].mu)
+    for p in saved_mu:
+      np.testing.assert_array_equal(got_mu[p], saved_mu[p], err_msg=p)
+    state_shardings = sh.opt_state_shardings(restored, new)
+    assert_same_layout(spra.mask_of(restored), sh.mask_shardings(mask, new))  # the compact slices where they belong
+    restored = jax.device_put(restored, state_shardings)  # (the step count: like's was on one device)
+    update = jax.jit(tx.update, in_shardings=(new, state_shardings, new), out_shardings=(new, state_shardings))
+    moved_grads = jax.device_put(jax.tree.map(np.asarray, grads), new)
+    compiled = update.lower(moved_grads, restored, moved).compile()
+    assert count_collectives(compiled.as_text()) == []
+    got, _ = compiled(moved_grads, restored, moved)
+    assert_trees_close(got, expected, atol=1e-7)
+
+    # data=2 x tensor=4 splits other dimensions: the entries do not fall evenly, so the layout is kept (a warning
+    # names the leaves), and the numbers are still the same; spra.sharding.relayout refuses by default.
+    other = sh.param_shardings(base, sh.make_mesh(data=2, tensor=4), RULES)
+    like = tx.init(jax.device_put(base, other))
+    with pytest.warns(UserWarning, match="keep their old layout"):
+      kept = ckpt.restore({"opt_state": like}).state["opt_state"]
+    assert [m.blocks for _, m in sparse_leaves(spra.mask_of(kept))] == [m.blocks for _, m in sparse_leaves(saved_mask)]
+    kept = jax.device_put(kept, sh.opt_state_shardings(kept, other))  # those leaves' compact vectors replicated
+    got, _ = jax.jit(tx.update)(jax.device_put(jax.tree.map(np.asarray, grads), other), kept,
+                                jax.device_put(base, other))
+    assert_trees_close(got, expected, atol=1e-7)
+    with pytest.raises(ValueError, match="cannot be laid out shard-locally .* per block"):
+      sh.relayout(kept, other)
+
+
+def test_lean_checkpoint_restores_onto_another_mesh_relaid(tmp_path):
+  state = FINAL_LEAN_STATE.get("1x8 fsdp")  # trained above on fsdp=8 (else a few steps now)
+  if state is None:
+    _, _, state = run_lean(mesh_of("1x8 fsdp"), tl.batches(2), None)
+  base = tl.init_params()
+  with spra.checkpoint.TrainCheckpointer(tmp_path / "lean") as ckpt:
+    ckpt.save(2, state)
+    ckpt.wait_until_finished()
+    new = sh.param_shardings(base, sh.make_mesh(data=2, fsdp=4), RULES)
+    moved = jax.device_put(base, new)
+    step = sh.sharded_lean_step(tl.loss_fn, adamw())
+    like = step.init(jax.device_put(base, new), spra.sample_mask(jax.random.key(3), moved, density=DENSITY, **TRAIN))
+    restored = ckpt.restore(like, base_params=moved).state
+  mask, saved_mask = restored.delta.mask, state.delta.mask
+  assert [m.blocks for _, m in sparse_leaves(mask)] != [m.blocks for _, m in sparse_leaves(saved_mask)]
+  sh.check_shard_local(mask, new)
+  assert_same_layout(restored.delta, sh.delta_shardings(restored.delta, new))
+  for name in ("delta", "mu", "nu"):
+    pick = (lambda s: s.delta.values) if name == "delta" else (lambda s: getattr(s.opt_state[0], name))
+    got, want = dense_of(mask, pick(restored)), dense_of(saved_mask, pick(state))
+    for p in want:
+      np.testing.assert_array_equal(got[p], want[p], err_msg=f"{name} {p}")
+  assert_trees_close(restored.params, state.params, atol=0)  # the weights: base + delta, bit for bit
