@@ -366,3 +366,28 @@ def test_validate_names_the_leaf_and_the_problem(params):
   with pytest.raises(ValueError, match="non-floating dtype int32"):
     masks.validate(int_trained, params)
 
+
+
+def test_relayout_leaf_keeps_the_entries_and_refuses_uneven_grids():
+  from spra_jax.masks import layout
+
+  rng = np.random.default_rng(0)
+  # A shard-local leaf of 4 row blocks x 2 column blocks, 3 entries in each block.
+  shape, blocks = (8, 6), (4, 2)
+  picks = []
+  for b in range(8):
+    r, c = divmod(b, 2)
+    local = np.sort(rng.choice(6, 3, replace=False))
+    picks += [(2 * r + i // 3) * 6 + 3 * c + i % 3 for i in local]
+  m = spra.LeafMask.sparse(shape, jnp.asarray(picks, jnp.int32), blocks=blocks)
+  spra.masks.validate_indices("w", m, check_values=True)
+  for target in ((2, 2), (4, 1), (1, 2), (2, 1), None):  # unions of the mask's own blocks
+    new, perm = layout.relayout_leaf(m, target)
+    assert new.blocks == (None if target is None or target == (1, 1) else target)
+    spra.masks.validate_indices("w", new, check_values=True)
+    np.testing.assert_array_equal(np.asarray(new.indices), np.asarray(m.indices)[perm])
+    assert sorted(np.asarray(new.indices).tolist()) == sorted(picks)
+  uneven = spra.LeafMask.sparse((8, 6), jnp.asarray([0, 1, 2, 3], jnp.int32))  # all in the first rows
+  with pytest.raises(ValueError, match=r"cannot be laid out for the grid \(2, 1\).* 0 to 4 per block"):
+    layout.relayout_leaf(uneven, (2, 1))
+  np.testing.assert_array_equal(layout.block_counts(uneven, (1, 2)), [3, 1])

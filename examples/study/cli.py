@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 
 from . import __doc__ as DOC
-from .plan import FULL_SCALES, SMOKE_SCALES, Row, plan
+from .plan import FULL_SCALES, SECOND_DECODER, SMOKE_SCALES, Row, plan
 from .render import render
 from .runs import run_workers, work
 from .store import Store
@@ -25,6 +25,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                   help="a hand-written reading of the numbers, included in the page when the file exists")
   ap.add_argument("--smoke", action="store_true", help="a tiny study (2 steps, 8 examples) that checks the pipeline")
   ap.add_argument("--decoder", default="smollm2-135m", help="the Table 2 model (an alias or a local checkpoint)")
+  ap.add_argument("--second-decoder", default=SECOND_DECODER,
+                  help="a second Table 2 model, SpaRTA against LoRA only ('' for none)")
   ap.add_argument("--tables", default="1,2,3", help="which tables to run, e.g. 1,3")
   ap.add_argument("--workers", type=int, default=1, help="parallel single-threaded worker processes")
   ap.add_argument("--render-only", action="store_true", help="no training: render from the saved runs")
@@ -37,7 +39,8 @@ def selected_rows(args) -> list[Row]:
   unknown = wanted - {"Table 1", "Table 2", "Table 3"}
   if unknown:
     raise SystemExit(f"--tables takes numbers among 1, 2, 3; got {args.tables!r}")
-  return [r for r in plan(smoke=args.smoke, decoder=args.decoder) if r.table.split(":")[0] in wanted]
+  rows = plan(smoke=args.smoke, decoder=args.decoder, second_decoder=args.second_decoder or None)
+  return [r for r in rows if r.table.split(":")[0] in wanted]
 
 
 def _without(argv: Sequence[str], flag: str) -> list[str]:

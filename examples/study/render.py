@@ -9,7 +9,7 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
-from .plan import LR_FACTORS, SEEDS, Row, Scale
+from .plan import DECODER_NAMES, LR_FACTORS, SEEDS, Row, Scale
 from .runs import row_records
 from .store import Store
 
@@ -195,7 +195,8 @@ def render(rows: Sequence[Row], store: Store, scales: dict[str, Scale], results:
       "",
       "**Protocol.** Each row's learning rate is chosen on validation accuracy (seed 0) from the same three-point "
       f"grid around the method's customary value (x{', x'.join(f'{f:.3g}' for f in LR_FACTORS)}); the chosen rate "
-      f"runs with seeds {', '.join(map(str, SEEDS))} (Table 2: two seeds, one for full fine-tuning) and the test "
+      f"runs with seeds {', '.join(map(str, SEEDS))} (Table 2: two seeds, one for full fine-tuning and for the "
+      "second decoder) and the test "
       "metrics are mean ± std over them. "
       "'(edge)' marks a rate at the end of its grid (the optimum may lie beyond). "
       f"Encoder runs: {enc.steps} steps of {enc.batch_size} examples, {enc.max_length} tokens, AdamW with "
@@ -214,8 +215,12 @@ def render(rows: Sequence[Row], store: Store, scales: dict[str, Scale], results:
       "absolute times across machines.",
       "",
   ]
-  name = "SmolLM2-135M" if decoder == "smollm2-135m" else pathlib.Path(decoder).name
+  name = DECODER_NAMES.get(decoder, pathlib.Path(decoder).name)
+  second = {e["row"].table for e in entries if e["row"].table.startswith("Table 2: ")}
   titles = {"Table 2": f"Table 2: {name} with a classification head, Rotten Tomatoes (the paper's setting)",
+            **{t: f"{t} with a classification head, Rotten Tomatoes (one seed"
+                  + ("; the paper's family, its Q4_K_M weights dequantised to float32)" if "Gemma" in t else ")")
+               for t in second},
             "Table 3": "Table 3: which entries and where, at one budget (MiniLM, Rotten Tomatoes, "
                        "the count of 1 % of V/O)"}
   for table in dict.fromkeys(e["row"].table for e in entries):

@@ -183,6 +183,7 @@ class LlamaConfig:
   attn_logit_softcapping: float | None = None
   final_logit_softcapping: float | None = None
   local_rope_theta: float | None = None
+  partial_rotary_factor: float = 1.0
 
   def __post_init__(self):
     if self.num_key_value_heads is None:
@@ -200,6 +201,9 @@ class LlamaConfig:
                        f"num_key_value_heads ({self.num_key_value_heads}).")
     if self.head_dim % 2:
       raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}.")
+    if not 0 < self.partial_rotary_factor <= 1 or self.rotary_dim % 2 or self.rotary_dim == 0:
+      raise ValueError(f"partial_rotary_factor must give an even number of rotary dimensions in (0, head_dim]; "
+                       f"got {self.partial_rotary_factor} of head_dim {self.head_dim} ({self.rotary_dim}).")
     if self.hidden_act not in _ACTIVATIONS:
       raise ValueError(f"hidden_act must be one of {sorted(_ACTIVATIONS)}, got {self.hidden_act!r}.")
     if self.model_type not in MODEL_TYPES:
@@ -248,6 +252,11 @@ class LlamaConfig:
     return tuple(k == "sliding_attention" for k in self.layer_types)
 
   @property
+  def rotary_dim(self) -> int:
+    """How many leading dimensions of each head the rotary embedding turns (``head_dim`` unless partial)."""
+    return int(self.head_dim * self.partial_rotary_factor)
+
+  @property
   def rope_type(self) -> str:
     return "default" if self.rope_scaling is None else self.rope_scaling_dict["rope_type"]
 
@@ -270,19 +279,28 @@ _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
 _WINDOW_ON_EVERY_LAYER = ("mistral", "phi3")
 
 
-def _rope_of(rope: dict[str, Any], theta: Any, max_positions: int) -> tuple[float, dict[str, Any] | None]:
-  """(theta, scaling dict or None) from one RoPE parameter dict, refusing partial rotary embeddings."""
+# The families whose attention turns only the leading partial_rotary_factor of each head (as transformers' does).
+_PARTIAL_ROTARY = ("phi3",)
+
+
+def _rope_of(rope: dict[str, Any], theta: Any, max_positions: int, model_type: str = "llama"
+             ) -> tuple[float, dict[str, Any] | None, float]:
+  """(theta, scaling dict or None, partial rotary factor) from one RoPE parameter dict.
+
+  A partial rotary factor is refused for the families whose transformers attention does not apply one.
+  """
   rope = dict(rope)
   theta = float(rope.pop("rope_theta", None) or theta or 10000.0)
-  partial = rope.pop("partial_rotary_factor", None) or 1.0
-  if partial != 1.0:
-    raise ValueError(f"partial rotary embeddings are not supported (partial_rotary_factor={partial}).")
+  partial = float(rope.pop("partial_rotary_factor", None) or 1.0)
+  if partial != 1.0 and model_type not in _PARTIAL_ROTARY:
+    raise ValueError(f"partial rotary embeddings are not supported for {model_type} "
+                     f"(partial_rotary_factor={partial}); they are for {', '.join(_PARTIAL_ROTARY)}.")
   kind = rope.get("rope_type", rope.get("type", "default"))
   if kind == "default":
-    return theta, None
+    return theta, None, partial
   if kind == "llama3":
     rope.setdefault("original_max_position_embeddings", max_positions)
-  return theta, rope
+  return theta, rope, partial
 
 
 def _layer_types(raw: dict[str, Any], model_type: str, layers: int, window: int | None) -> list[str] | None:
@@ -330,7 +348,7 @@ def config_from_hf(hf_config: Any) -> LlamaConfig:
 
   Raises:
     ValueError: for another model type, or a field that changes the output
-      and is not supported (partial rotary embeddings, an unsupported RoPE
+      and is not supported (partial rotary embeddings outside Phi-3, an unsupported RoPE
       scaling type, bidirectional attention); the message names the field.
 
   Example:
@@ -345,10 +363,13 @@ def config_from_hf(hf_config: Any) -> LlamaConfig:
     >>> g.sliding_layers, g.norm_offset, g.tie_word_embeddings, g.hidden_act
     ((True, False, True, False), 1.0, True, 'gelu_pytorch_tanh')
     >>> config_from_hf({'model_type': 'qwen2', 'sliding_window': 64, 'use_sliding_window': False}).sliding_window
-    >>> config_from_hf({'model_type': 'phi3', 'partial_rotary_factor': 0.75})
+    >>> config_from_hf({'model_type': 'phi3', 'hidden_size': 64, 'num_attention_heads': 4,
+    ...                 'partial_rotary_factor': 0.75}).rotary_dim
+    12
+    >>> config_from_hf({'model_type': 'llama', 'partial_rotary_factor': 0.75})
     Traceback (most recent call last):
     ...
-    ValueError: partial rotary embeddings are not supported (partial_rotary_factor=0.75).
+    ValueError: partial rotary embeddings are not supported for llama (partial_rotary_factor=0.75); they are for phi3.
   """
   raw = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)
   model_type = raw.get("model_type", "llama")
@@ -362,14 +383,14 @@ def config_from_hf(hf_config: Any) -> LlamaConfig:
   if model_type == "gemma3_text":
     full = rope.get("full_attention", rope if "sliding_attention" not in rope else {})
     local = rope.get("sliding_attention") or {"rope_theta": raw.get("rope_local_base_freq") or 10000.0}
-    local_theta, local_scaling = _rope_of(local, 10000.0, max_positions)
+    local_theta, local_scaling, _ = _rope_of(local, 10000.0, max_positions, model_type)
     if local_scaling is not None:
       raise ValueError(f"rope_parameters['sliding_attention'] must be plain RoPE, got {local_scaling}.")
-    theta, scaling = _rope_of(full, raw.get("rope_theta") or 1e6, max_positions)
+    theta, scaling, partial = _rope_of(full, raw.get("rope_theta") or 1e6, max_positions, model_type)
   else:
     if "partial_rotary_factor" in raw:
       rope.setdefault("partial_rotary_factor", raw["partial_rotary_factor"])
-    theta, scaling = _rope_of(rope, raw.get("rope_theta"), max_positions)
+    theta, scaling, partial = _rope_of(rope, raw.get("rope_theta"), max_positions, model_type)
 
   gemma = model_type.startswith("gemma")
   window = raw.get("sliding_window")
@@ -383,10 +404,12 @@ def config_from_hf(hf_config: Any) -> LlamaConfig:
 
   fields = {f.name for f in dataclasses.fields(LlamaConfig)} - {
       "rope_theta", "rope_scaling", "attention_bias", "sliding_window", "layer_types", "hidden_act",
-      "attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar", "model_type"}
+      "attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar", "model_type",
+      "partial_rotary_factor"}
   kwargs = {k: v for k, v in raw.items() if k in fields and v is not None}
   kwargs.update(
       rope_theta=theta, rope_scaling=scaling, model_type=model_type, sliding_window=window,
+      partial_rotary_factor=partial,
       attention_bias=bool(raw.get("attention_bias", model_type == "qwen2")),
       layer_types=_layer_types(raw, model_type, raw.get("num_hidden_layers", 32), window),
       scale_embeddings=gemma, norm_offset=1.0 if gemma else 0.0, sandwich_norms=model_type in ("gemma2", "gemma3_text"),
@@ -409,7 +432,7 @@ def config_from_hf(hf_config: Any) -> LlamaConfig:
 
 
 def rope_inv_freq(config: LlamaConfig, *, local: bool = False) -> np.ndarray:
-  """The rotary inverse frequencies [head_dim // 2] (float32), with the config's scaling applied.
+  """The rotary inverse frequencies [rotary_dim // 2] (float32), with the config's scaling applied.
 
   ``linear`` divides every frequency by ``factor``; ``llama3`` divides the low
   frequencies (wavelengths above ``original_max_position_embeddings /
@@ -430,7 +453,7 @@ def rope_inv_freq(config: LlamaConfig, *, local: bool = False) -> np.ndarray:
     >>> [round(float(f), 4) for f in rope_inv_freq(two, local=True)]
     [1.0, 0.1, 0.01, 0.001]
   """
-  dim = config.head_dim
+  dim = config.rotary_dim
   local = local and config.local_rope_theta is not None
   theta = config.local_rope_theta if local else config.rope_theta
   inv_freq = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))
@@ -458,8 +481,13 @@ def _rotate_half(x: jax.Array) -> jax.Array:
 
 
 def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-  # x [b, s, heads, d]; cos/sin [b, s, d] broadcast over heads.
+  # x [b, s, heads, d]; cos/sin [b, s, r] broadcast over heads, r <= d: a partial rotary embedding turns the first
+  # r dimensions of each head and passes the rest through.
   cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+  r = cos.shape[-1]
+  if r < x.shape[-1]:
+    turned, passed = x[..., :r], x[..., r:]
+    return jnp.concatenate([turned * cos + _rotate_half(turned) * sin, passed], axis=-1)
   return x * cos + _rotate_half(x) * sin
 
 
