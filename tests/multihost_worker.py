@@ -35,7 +35,7 @@ import spra_jax as spra  # noqa: E402
 from spra_jax import sharding as sh  # noqa: E402
 from spra_jax.models import partition  # noqa: E402
 
-STEPS = 4
+STEPS = 20
 TRAIN = dict(include=r"(kernel|embedding)$", exclude=r"lm_head", full=r"lm_head")
 
 
