@@ -205,6 +205,31 @@ def test_sequence_classification_matches_transformers(name):
   assert model.score.kernel.shape == (32, 3) and model.score.bias is None
 
 
+def test_phi3_longrope_matches_transformers_on_both_sides_of_the_original_context():
+  # Phi-3-128k style: per-frequency short and long factors, switched once a call's positions pass the original
+  # context (8 here), and cos/sin scaled by the attention factor from max_position_embeddings / 8.
+  prefix, overrides = FAMILIES["phi3"]
+  rope = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0, 1.5], "long_factor": [2.0, 7.0],
+          "original_max_position_embeddings": 8, "partial_rotary_factor": 0.5}
+  reference = _torch_model(prefix, {**overrides, "rope_parameters": rope, "original_max_position_embeddings": 8})
+  model = _ours(reference, task="causal-lm")
+  assert model.config.rope_type == "longrope" and llama.rope_attention_scaling(model.config) > 1.0
+  ids, mask = _inputs()
+  plain = _torch_model(prefix, overrides, state=reference.state_dict())
+  for n in (6, PROMPT + NEW):  # 6 positions: the short factors; 14: past the original context, the long ones
+    expected = _torch_logits(reference, ids[:, :n], mask[:, :n])
+    diff = _on_tokens(_run(model, ids[:, :n], mask[:, :n]), expected, mask[:, :n])
+    print(f"phi3 longrope, {n} tokens: max abs diff vs PyTorch {diff:.2e}")
+    assert diff < 1e-4
+    assert _on_tokens(_torch_logits(plain, ids[:, :n], mask[:, :n]), expected, mask[:, :n]) > 1e-3  # it matters
+  prompt, prompt_mask = _prompts()
+  cached = np.asarray(gen.generate(model, prompt, attention_mask=prompt_mask, max_new_tokens=NEW))
+  with torch.no_grad():
+    hf = reference.generate(torch.from_numpy(prompt), attention_mask=torch.from_numpy(prompt_mask),
+                            max_new_tokens=NEW, do_sample=False, pad_token_id=0, eos_token_id=None)
+  np.testing.assert_array_equal(cached, hf[:, PROMPT:].numpy())
+
+
 # --------------------------------------------------------------------------
 # Configs: HF defaults, windows, and the fields that are refused.
 # --------------------------------------------------------------------------
@@ -234,7 +259,8 @@ def test_config_json_defaults_follow_the_hf_config_classes():
 
 @pytest.mark.parametrize("raw, field", [
     ({"model_type": "mistral", "partial_rotary_factor": 0.75}, "partial_rotary_factor=0.75"),
-    ({"model_type": "phi3", "rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "'longrope'"),
+    ({"model_type": "qwen3", "rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "phi3 only"),
+    ({"model_type": "phi3", "rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "lacks"),
     ({"model_type": "qwen3", "rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "'yarn'"),
     ({"model_type": "gemma3_text", "use_bidirectional_attention": True}, "use_bidirectional_attention=True"),
     ({"model_type": "gemma3_text", "attn_logit_softcapping": 50.0}, "attn_logit_softcapping=50.0"),

@@ -135,6 +135,9 @@ def generate(model: nnx.Module, input_ids: Any, *, max_new_tokens: int, attentio
       with ``pad_token_id``, and decoding stops when every row has ended.
     pad_token_id: filler after the end (default: the first ``eos_token_id``, else 0).
 
+  A ``longrope`` model (Phi-3 with a long context) switches to its long factors once the sequence passes its
+  original context; the cache is then rebuilt once, over every token so far, as transformers' generation does.
+
   Returns:
     The new tokens only, int32 [batch, n] with ``n <= max_new_tokens`` (shorter
     when every row ended early); the prompt is not repeated.
@@ -167,6 +170,10 @@ def generate(model: nnx.Module, input_ids: Any, *, max_new_tokens: int, attentio
   graphdef, state = nnx.split(model)
   sampling = dict(temperature=float(temperature), top_k=top_k, top_p=top_p)
   keys = jax.random.split(key if key is not None else jax.random.key(0), max_new_tokens)
+  config = getattr(getattr(model, "model", None), "config", None) or getattr(model, "config", None)
+  switch = None  # a longrope model's original context, where its cache is rebuilt
+  if config is not None and getattr(config, "rope_type", "default") == "longrope":
+    switch = int(config.rope_scaling_dict["original_max_position_embeddings"])
 
   token, cache = _prefill(graphdef, state, input_ids, mask, positions, cache, keys[0], **sampling)
   position = positions[:, -1]
@@ -180,6 +187,17 @@ def generate(model: nnx.Module, input_ids: Any, *, max_new_tokens: int, attentio
       if bool(done.all()):
         break
     if i + 1 < max_new_tokens:
+      length = prompt_len + i + 1  # slots filled so far
+      if switch is not None and length == switch + 1 and prompt_len <= switch:
+        # A longrope model passes its original context here: recompute every key with the long factors (as
+        # transformers' Phi-3 generation does) rather than keep the cached ones made with the short factors.
+        ids = jnp.concatenate([input_ids, jnp.stack(out, axis=1)], axis=1)
+        full = jnp.concatenate([mask, jnp.ones((batch, i + 1), jnp.int32)], axis=1)
+        again = jnp.maximum(jnp.cumsum(full, axis=1) - 1, 0)
+        cache = model.init_cache(batch=batch, max_length=prompt_len + max_new_tokens)
+        token, cache = _prefill(graphdef, state, ids, full, again, cache, keys[i + 1], **sampling)
+        position = again[:, -1]
+        continue
       position = position + 1
       token, cache = _step(graphdef, state, token, position, cache, keys[i + 1], **sampling)
   return jnp.stack(out, axis=1)

@@ -91,6 +91,7 @@ __all__ = [
     "LlamaForCausalLM",
     "LlamaForSequenceClassification",
     "config_from_hf",
+    "rope_attention_scaling",
     "rope_inv_freq",
     "split_fused",
     "fuse_split",
@@ -105,7 +106,7 @@ MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "phi3", "g
 LAYER_TYPES: tuple[str, ...] = ("full_attention", "sliding_attention")
 TASKS: tuple[str, ...] = ("causal-lm", "sequence-classification", "base")
 # RoPE variants this module computes (HF's ``rope_type`` names).
-ROPE_TYPES: tuple[str, ...] = ("default", "linear", "llama3")
+ROPE_TYPES: tuple[str, ...] = ("default", "linear", "llama3", "longrope")
 
 _ACTIVATIONS = {"silu": jax.nn.silu, "swish": jax.nn.silu, "gelu": lambda x: jax.nn.gelu(x, approximate=False),
                 "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
@@ -145,7 +146,7 @@ class LlamaConfig:
     >>> LlamaConfig(rope_scaling={'rope_type': 'yarn', 'factor': 4.0})
     Traceback (most recent call last):
     ...
-    ValueError: unsupported rope_scaling type 'yarn'; supported: None, 'default', 'linear', 'llama3'.
+    ValueError: unsupported rope_scaling type 'yarn'; supported: None, 'default', 'linear', 'llama3', 'longrope'.
     >>> LlamaConfig(num_hidden_layers=3, sliding_window=8,
     ...             layer_types=['sliding_attention', 'full_attention', 'sliding_attention']).sliding_layers
     (True, False, True)
@@ -214,10 +215,18 @@ class LlamaConfig:
       if kind not in ROPE_TYPES:
         raise ValueError(f"unsupported rope_scaling type {kind!r}; supported: None, "
                          f"{', '.join(repr(t) for t in ROPE_TYPES)}.")
-      needed = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor")}.get(kind, ())
+      needed = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
+                "longrope": ("short_factor", "long_factor", "original_max_position_embeddings")}.get(kind, ())
       absent = [k for k in needed if k not in scaling]
       if absent:
         raise ValueError(f"rope_scaling of type {kind!r} needs {list(needed)}, it lacks {absent}: {scaling}.")
+      if kind == "longrope":
+        half = int(self.head_dim * self.partial_rotary_factor) // 2
+        for name in ("short_factor", "long_factor"):
+          if len(scaling[name]) != half:
+            raise ValueError(f"rope_scaling {name} must have rotary_dim / 2 = {half} entries, got "
+                             f"{len(scaling[name])}.")
+          scaling[name] = tuple(float(f) for f in scaling[name])  # (hashable)
       scaling["rope_type"] = kind
       scaling.pop("type", None)
       scaling.pop("rope_theta", None)
@@ -296,6 +305,11 @@ def _rope_of(rope: dict[str, Any], theta: Any, max_positions: int, model_type: s
     raise ValueError(f"partial rotary embeddings are not supported for {model_type} "
                      f"(partial_rotary_factor={partial}); they are for {', '.join(_PARTIAL_ROTARY)}.")
   kind = rope.get("rope_type", rope.get("type", "default"))
+  if kind == "su" and model_type == "phi3":  # the name Phi-3's first long-context checkpoints used
+    kind = rope["rope_type"] = "longrope"
+    rope.pop("type", None)
+  if kind == "longrope" and model_type != "phi3":
+    raise ValueError(f"rope type 'longrope' is supported for phi3 only, got it for {model_type}.")
   if kind == "default":
     return theta, None, partial
   if kind == "llama3":
@@ -390,6 +404,8 @@ def config_from_hf(hf_config: Any) -> LlamaConfig:
   else:
     if "partial_rotary_factor" in raw:
       rope.setdefault("partial_rotary_factor", raw["partial_rotary_factor"])
+    if rope.get("rope_type", rope.get("type")) in ("longrope", "su") and raw.get("original_max_position_embeddings"):
+      rope.setdefault("original_max_position_embeddings", raw["original_max_position_embeddings"])
     theta, scaling, partial = _rope_of(rope, raw.get("rope_theta"), max_positions, model_type)
 
   gemma = model_type.startswith("gemma")
@@ -431,14 +447,33 @@ def config_from_hf(hf_config: Any) -> LlamaConfig:
 # --------------------------------------------------------------------------
 
 
-def rope_inv_freq(config: LlamaConfig, *, local: bool = False) -> np.ndarray:
+def rope_attention_scaling(config: LlamaConfig) -> float:
+  """The factor a ``longrope`` embedding multiplies cos and sin by (1.0 for every other kind).
+
+  ``attention_factor`` when the config gives one, else ``sqrt(1 + ln f / ln L0)`` with ``f`` the context
+  extension (``factor``, or ``max_position_embeddings / original_max_position_embeddings``) and ``L0`` the
+  original context, as transformers computes it.
+  """
+  if config.rope_type != "longrope":
+    return 1.0
+  s = config.rope_scaling_dict
+  if s.get("attention_factor") is not None:
+    return float(s["attention_factor"])
+  original = float(s["original_max_position_embeddings"])
+  factor = float(s.get("factor") or config.max_position_embeddings / original)
+  return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+
+
+def rope_inv_freq(config: LlamaConfig, *, local: bool = False, long: bool = False) -> np.ndarray:
   """The rotary inverse frequencies [rotary_dim // 2] (float32), with the config's scaling applied.
 
   ``linear`` divides every frequency by ``factor``; ``llama3`` divides the low
   frequencies (wavelengths above ``original_max_position_embeddings /
   low_freq_factor``) by ``factor``, keeps the high ones and interpolates
-  smoothly between. ``local=True`` gives the sliding layers' frequencies:
-  plain RoPE with base ``config.local_rope_theta`` when it is set.
+  smoothly between; ``longrope`` divides each frequency by its ``short_factor``
+  (``long=True``: its ``long_factor``, used once a call's positions pass
+  ``original_max_position_embeddings``). ``local=True`` gives the sliding layers'
+  frequencies: plain RoPE with base ``config.local_rope_theta`` when it is set.
 
   Example:
 
@@ -459,7 +494,10 @@ def rope_inv_freq(config: LlamaConfig, *, local: bool = False) -> np.ndarray:
   inv_freq = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))
   inv_freq = inv_freq.astype(np.float32)
   kind = "default" if local else config.rope_type
-  if kind == "linear":
+  if kind == "longrope":  # per-frequency factors: the short ones up to the original context, the long ones past it
+    ext = np.asarray(config.rope_scaling_dict["long_factor" if long else "short_factor"], np.float32)
+    inv_freq = (1.0 / (ext * theta ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))))
+  elif kind == "linear":
     inv_freq = inv_freq / np.float32(config.rope_scaling_dict["factor"])
   elif kind == "llama3":
     s = config.rope_scaling_dict
@@ -683,11 +721,22 @@ class LlamaDecoderLayer(nnx.Module):
     return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))), new_kv
 
 
-def _rope_tables(positions: jax.Array, inv_freq: tuple[float, ...]) -> tuple[jax.Array, jax.Array]:
-  """cos and sin [batch, seq, head_dim] of the rotary embedding at ``positions``, in float32."""
-  freqs = jnp.asarray(positions).astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+def _rope_tables(positions: jax.Array, inv_freq: tuple[float, ...], long: Any = None
+                 ) -> tuple[jax.Array, jax.Array]:
+  """cos and sin [batch, seq, rotary_dim] of the rotary embedding at ``positions``, in float32.
+
+  ``long``: a longrope embedding's ``(long inv_freq, original context, attention scaling)``; the long frequencies
+  serve the whole call once its largest position reaches past the original context (transformers' rule).
+  """
+  positions = jnp.asarray(positions)
+  inv = jnp.asarray(inv_freq, jnp.float32)
+  scale = 1.0
+  if long is not None:
+    long_freq, original, scale = long
+    inv = jnp.where(positions.max() + 1 > original, jnp.asarray(long_freq, jnp.float32), inv)
+  freqs = positions.astype(jnp.float32)[..., None] * inv
   emb = jnp.concatenate([freqs, freqs], axis=-1)
-  return jnp.cos(emb), jnp.sin(emb)
+  return jnp.cos(emb) * scale, jnp.sin(emb) * scale
 
 
 def _check_ids(input_ids: jax.Array, attention_mask: Any, positions: Any) -> None:
@@ -726,6 +775,11 @@ class LlamaModel(nnx.Module):
     # Static: compile-time constants, no state. The sliding layers may have their own RoPE base (Gemma 3).
     self.inv_freq = tuple(float(f) for f in rope_inv_freq(config))
     self.local_inv_freq = tuple(float(f) for f in rope_inv_freq(config, local=True))
+    self.long_rope = None
+    if config.rope_type == "longrope":
+      self.long_rope = (tuple(float(f) for f in rope_inv_freq(config, long=True)),
+                        int(config.rope_scaling_dict["original_max_position_embeddings"]),
+                        rope_attention_scaling(config))
     self.dtype = dtype
 
   def init_cache(self, *, batch: int, max_length: int, dtype: Any = None) -> KVCache:
@@ -749,7 +803,7 @@ class LlamaModel(nnx.Module):
       t = cache.max_length
     if positions is None:
       positions = jnp.broadcast_to(start + jnp.arange(s, dtype=jnp.int32), (b, s))
-    rope = {False: _rope_tables(positions, self.inv_freq)}
+    rope = {False: _rope_tables(positions, self.inv_freq, self.long_rope)}
     rope[True] = rope[False] if self.local_inv_freq == self.inv_freq else _rope_tables(positions, self.local_inv_freq)
     # Query i (slot start+i) sees key slot j when j <= start+i and slot j holds a token; on a sliding layer
     # also j > start+i - window (transformers' rule, on slots: padding slots count towards the window).
