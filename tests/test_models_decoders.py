@@ -315,6 +315,46 @@ def test_phi3_from_pretrained_splits_the_fused_projections(phi3_dir):
   assert sorted(replaced) == [f"model/layers/{i}/self_attn/{m}" for i in range(2) for m in ("o_proj", "v_proj")]
 
 
+def test_phi3_adapters_and_merged_exports_name_the_fused_tensors(phi3_dir, tmp_path):
+  import safetensors.numpy
+
+  folder, reference = phi3_dir
+  model, _ = spra.models.from_pretrained(folder)
+  params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  mask = spra.sample_mask(jax.random.key(0), params, density=0.1, include=r"(q_proj|v_proj|up_proj)/kernel$")
+  rng = np.random.default_rng(0)
+  zero = spra.init_delta(mask)
+  delta = spra.SparseDelta(zero.mask, jax.tree.map(lambda v: 0.5 * rng.normal(size=v.shape).astype(np.float32),
+                                                    zero.values))
+  fused = llama.fused_layout(model.config)
+  spra.checkpoint.export_peft_sparta(tmp_path / "sparta", delta, base_model=str(folder), fused=fused)
+  sparse = safetensors.numpy.load_file(str(tmp_path / "sparta" / "sparse_deltas.safetensors"))
+  assert not any(k.endswith(("q_proj.weight", "k_proj.weight", "gate_proj.weight")) for k in sparse)
+  assert "indices.model.layers.0.self_attn.qkv_proj.weight" in sparse
+  back = spra.checkpoint.import_peft_sparta(tmp_path / "sparta", params, fused=fused)
+  for a, b in zip(jax.tree.leaves(spra.merge(params, back)), jax.tree.leaves(spra.merge(params, delta))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-7)
+
+  # The merged model in transformers' own names and layout: its Phi3 class loads it and agrees with ours,
+  # and the sparse file's fused coordinates added to transformers' base weights give the same tensors.
+  spra.checkpoint.export_merged(tmp_path / "merged", params, delta, config=reference.config.to_dict(), fused=fused)
+  merged = safetensors.numpy.load_file(str(tmp_path / "merged" / "model.safetensors"))
+  base = {k: v.detach().numpy() for k, v in reference.state_dict().items()}
+  assert set(merged) <= set(base) and "model.layers.1.mlp.gate_up_proj.weight" in merged
+  for key in [k for k in sparse if k.startswith("indices.")]:
+    name = key[len("indices."):]
+    expected = base[name].copy()
+    expected[tuple(sparse[key].T)] += sparse["deltas." + name]
+    np.testing.assert_allclose(merged[name], expected, atol=1e-6, err_msg=name)
+  loaded = transformers.Phi3ForCausalLM.from_pretrained(tmp_path / "merged").eval()
+  state = nnx.state(model, nnx.Param)
+  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, spra.merge(params, delta)))
+  nnx.update(model, state)
+  ids, attention = _inputs()
+  np.testing.assert_allclose(_run(model, ids, attention)[attention == 1],
+                             _torch_logits(loaded, ids, attention)[attention == 1], atol=1e-4)
+
+
 def _preset_leaves(model, preset, model_type, task=None):
   """The leaves a preset trains (sparse or full), by its regexes (as ``spra.sample_mask`` reads them)."""
   rules = spra.models.presets.get(preset, model_type, task=task)

@@ -67,7 +67,7 @@ import math
 import os
 import re
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +183,70 @@ def _coords(torch_flat: np.ndarray, torch_shape: tuple[int, ...]) -> np.ndarray:
 # --------------------------------------------------------------------------
 
 
+# Fused torch tensors (Phi-3's qkv_proj / gate_up_proj): suffix -> [(part suffix, rows)], as
+# ``spra.models.llama.fused_layout`` gives them.
+Fused = Mapping[str, Sequence[tuple[str, int]]]
+
+
+def _fuse_groups(names: Sequence[str], fused: Fused | None) -> dict[str, tuple[str, list[tuple[str, int, int]]]]:
+  """For each torch name that is part of a fused tensor: (the fused name, [(part name, first row, rows)])."""
+  out: dict[str, tuple[str, list[tuple[str, int, int]]]] = {}
+  for suffix, parts in (fused or {}).items():
+    first = parts[0][0]
+    for name in names:
+      if not name.endswith(first):
+        continue
+      prefix = name[: -len(first)]
+      group, row = [], 0
+      for part, rows in parts:
+        group.append((prefix + part, row, int(rows)))
+        row += int(rows)
+      if all(n in names for n, _, _ in group):
+        for n, _, _ in group:
+          out[n] = (prefix + suffix, group)
+  return out
+
+
+def _fuse_sparse(tensors: dict[str, np.ndarray], fused: Fused | None) -> None:
+  """``indices.<part>`` / ``deltas.<part>`` of each fused group replaced by one entry of the fused tensor."""
+  names = [k[len("indices."):] for k in tensors if k.startswith("indices.")]
+  done = set()
+  for name, (fused_name, group) in _fuse_groups(names, fused).items():
+    if fused_name in done:
+      continue
+    done.add(fused_name)
+    coords, deltas = [], []
+    for part, row, rows in group:
+      c = tensors.pop(f"indices.{part}").astype(np.int64)
+      if c.shape[0] and (c.ndim != 2 or c[:, 0].max() >= rows):
+        raise ValueError(f"{part!r} has rows beyond the {rows} that fused_layout gives it in {fused_name!r}.")
+      coords.append(c + np.asarray([row] + [0] * (c.shape[1] - 1)) if c.shape[0] else c.reshape(0, 2))
+      deltas.append(tensors.pop(f"deltas.{part}"))
+    # The parts' row ranges follow each other, so concatenated coordinates stay sorted row-major.
+    tensors[f"indices.{fused_name}"] = np.ascontiguousarray(np.concatenate(coords).astype(np.int32))
+    tensors[f"deltas.{fused_name}"] = np.ascontiguousarray(np.concatenate(deltas).astype(np.float32))
+
+
+def _split_sparse(indices: dict[str, np.ndarray], deltas: dict[str, np.ndarray], fused: Fused | None) -> None:
+  """The inverse of :func:`_fuse_sparse` on a file's ``indices`` / ``deltas`` (in place)."""
+  for suffix, parts in (fused or {}).items():
+    for name in [n for n in indices if n.endswith(suffix)]:
+      prefix = name[: -len(suffix)]
+      coords, vals = np.asarray(indices.pop(name), np.int64), np.asarray(deltas.pop(name)).reshape(-1)
+      total = sum(int(r) for _, r in parts)
+      if coords.shape[0] and (coords.ndim != 2 or coords[:, 0].max() >= total):
+        raise ValueError(f"{name!r} has rows beyond the {total} of its fused parts.")
+      row = 0
+      for part, rows in parts:
+        keep = (coords[:, 0] >= row) & (coords[:, 0] < row + int(rows)) if coords.shape[0] else np.zeros(0, bool)
+        c = coords[keep].copy()
+        if c.shape[0]:
+          c[:, 0] -= row
+        indices[prefix + part] = c.reshape(-1, 2).astype(np.int32)
+        deltas[prefix + part] = vals[keep]
+        row += int(rows)
+
+
 def _check_names(names: dict[str, str]) -> None:
   seen: dict[str, str] = {}
   for path, name in names.items():
@@ -248,6 +312,7 @@ def export_peft_sparta(
     base_vocab_size: int | None = None,
     torch_name: Callable[[str], str] = default_torch_name,
     to_torch_layout: Callable[[str, Any], np.ndarray] = default_to_torch_layout,
+    fused: Fused | None = None,
 ) -> Path:
   """Writes a delta in the SpaRTA PyTorch package's format (``sparse_deltas.safetensors`` + ``config.json``).
 
@@ -280,6 +345,9 @@ def export_peft_sparta(
       ``new_embeddings_init.safetensors`` (the package appends them to the base).
     torch_name: our path -> torch parameter name.
     to_torch_layout: our array -> torch layout (a permutation of the entries).
+    fused: the target's fused tensors (``spra.models.llama.fused_layout(config)`` for Phi-3): the entries of
+      the split projections are written as rows of ``qkv_proj`` / ``gate_up_proj``, the names transformers'
+      Phi-3 (and so the package) loads.
 
   Returns:
     The path of the written ``sparse_deltas.safetensors``.
@@ -357,6 +425,7 @@ def export_peft_sparta(
       deltas = np.asarray(v, np.float32)[order]
     tensors[f"indices.{name}"] = np.ascontiguousarray(coords)
     tensors[f"deltas.{name}"] = np.ascontiguousarray(deltas)
+  _fuse_sparse(tensors, fused)
   cfg["sparta_pretrained_model"] = base
   target = out_dir / SPARSE_DELTAS_FILE
 
@@ -380,6 +449,7 @@ def import_peft_sparta(
     torch_name: Callable[[str], str] = default_torch_name,
     to_torch_layout: Callable[[str, Any], np.ndarray] = default_to_torch_layout,
     path_of_torch_name: Callable[[str], str] | None = None,
+    fused: Fused | None = None,
 ) -> SparseDelta:
   """Reads the SpaRTA PyTorch package's ``sparse_deltas.safetensors`` as a :class:`~spra_jax.SparseDelta`.
 
@@ -392,6 +462,8 @@ def import_peft_sparta(
     to_torch_layout: our array -> torch layout, as for export.
     path_of_torch_name: an explicit inverse (torch name -> our path), used
       instead of inverting ``torch_name``.
+    fused: the file's fused tensors (``spra.models.llama.fused_layout(config)`` for Phi-3): their entries are
+      split back into the projections our model holds.
 
   Returns:
     The delta: leaves with every coordinate become full leaves, leaves with none
@@ -432,6 +504,7 @@ def import_peft_sparta(
   if set(indices) != set(deltas):
     unpaired = sorted(set(indices) ^ set(deltas))
     raise ValueError(f"{file}: names with indices but no deltas or the reverse: {unpaired[:6]}.")
+  _split_sparse(indices, deltas, fused)
 
   flat, treedef = jax.tree_util.tree_flatten_with_path(like_params)
   paths = [path_str(p) for p, _ in flat]
@@ -562,6 +635,7 @@ def export_merged(
     exclude: str | None = None,
     max_shard_bytes: int = 5 * 2**30,
     overwrite: bool = False,
+    fused: Fused | None = None,
 ) -> Path:
   """Writes ``params`` (plus ``delta``, merged) as a Hugging Face checkpoint loadable by transformers.
 
@@ -581,6 +655,8 @@ def export_merged(
     exclude: regex of paths not to write (e.g. integer buffers).
     max_shard_bytes: the largest shard.
     overwrite: replace an existing directory (atomically, as :func:`save_adapter`).
+    fused: the target's fused tensors (``spra.models.llama.fused_layout(config)`` for Phi-3): the split
+      projections are written concatenated as ``qkv_proj`` / ``gate_up_proj`` (in the shard of their last part).
 
   Returns:
     The absolute output path.
@@ -635,13 +711,23 @@ def export_merged(
   with _files.shared_output(final, overwrite=overwrite, what="export_merged") as tmp:
     n = len(shards)
     weight_map = {}
+    groups = _fuse_groups([it[1] for it in items], fused)
+    pending: dict[str, dict[str, np.ndarray]] = {}
     for i, shard in enumerate(shards, start=1):
       fname = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
       tensors = {}
       for path, name, x, m, v, _ in shard:
         host = _host.to_host(_merged_leaf(x, m, v))
+        torch_layout = np.ascontiguousarray(_Layout(path, host.shape, to_torch_layout).to_torch(host))
+        if name in groups:  # a part of a fused tensor: written once all its parts are here
+          fused_name, group = groups[name]
+          pending.setdefault(fused_name, {})[name] = torch_layout
+          if len(pending[fused_name]) < len(group):
+            continue
+          parts = pending.pop(fused_name)
+          name, torch_layout = fused_name, np.concatenate([parts[p] for p, _, _ in group], axis=0)
         if tmp is not None:
-          tensors[name] = np.ascontiguousarray(_Layout(path, host.shape, to_torch_layout).to_torch(host))
+          tensors[name] = torch_layout
         weight_map[name] = fname
       if tmp is not None:
         safetensors.numpy.save_file(tensors, str(tmp / fname), metadata={"format": "pt"})

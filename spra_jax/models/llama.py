@@ -91,6 +91,7 @@ __all__ = [
     "LlamaForCausalLM",
     "LlamaForSequenceClassification",
     "config_from_hf",
+    "fused_layout",
     "rope_attention_scaling",
     "rope_inv_freq",
     "split_fused",
@@ -972,8 +973,19 @@ class _Rows:
     return np.ascontiguousarray(whole[self._start:self._stop])
 
 
-def _fused_parts(config: LlamaConfig) -> dict[str, list[tuple[str, int]]]:
-  """Phi-3's fused projections: suffix -> [(the part's own suffix, its rows)], in the fused order."""
+def fused_layout(config: LlamaConfig) -> dict[str, list[tuple[str, int]]]:
+  """Phi-3's fused projections: fused suffix -> [(each part's own suffix, its rows)], in the fused order.
+
+  Give it to ``spra.checkpoint.export_peft_sparta`` / ``import_peft_sparta`` / ``export_merged`` (``fused=``) so
+  that their files name transformers' ``qkv_proj`` and ``gate_up_proj`` rather than the split projections.
+
+  Example:
+
+    >>> c = LlamaConfig(hidden_size=8, intermediate_size=6, num_attention_heads=2, num_key_value_heads=1,
+    ...                 model_type='phi3')
+    >>> fused_layout(c)['mlp.gate_up_proj.weight']
+    [('mlp.gate_proj.weight', 6), ('mlp.up_proj.weight', 6)]
+  """
   q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
   return {"self_attn.qkv_proj.weight": [("self_attn.q_proj.weight", q), ("self_attn.k_proj.weight", kv),
                                         ("self_attn.v_proj.weight", kv)],
@@ -999,7 +1011,7 @@ def split_fused(tensors: Mapping[str, Any], config: LlamaConfig) -> dict[str, An
     (['model.layers.0.mlp.gate_proj.weight', 'model.layers.0.mlp.up_proj.weight'], [12.0, 16.0, 20.0])
   """
   out: dict[str, Any] = {}
-  parts_of = _fused_parts(config)
+  parts_of = fused_layout(config)
   for name, tensor in tensors.items():
     suffix = next((f for f in parts_of if name.endswith(f)), None)
     rows = None if suffix is None else [n for _, n in parts_of[suffix]]
@@ -1030,7 +1042,7 @@ def fuse_split(tensors: Mapping[str, Any], config: LlamaConfig) -> dict[str, np.
     (['model.layers.0.mlp.gate_up_proj.weight'], True)
   """
   out = {k: v for k, v in tensors.items()}
-  for fused, parts in _fused_parts(config).items():
+  for fused, parts in fused_layout(config).items():
     first = parts[0][0]
     for name in [n for n in tensors if n.endswith(first)]:
       prefix = name[:-len(first)]
