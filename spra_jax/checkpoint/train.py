@@ -485,8 +485,14 @@ class TrainCheckpointer:
       like: the state as the run builds it before training (arrays or
         ``jax.ShapeDtypeStruct``, e.g. from ``jax.eval_shape``). Its structure,
         shapes and dtypes must match the saved state; masks inside it (in a
-        ``SparseMaskedState`` or a delta) only need the right number of entries
-        per leaf: their indices come from the checkpoint.
+        ``SparseMaskedState``, a ``LeanState`` or a delta) give their grid only:
+        their indices, and so their number of entries, come from the checkpoint
+        (a mask sampled on another mesh may hold a few more or fewer). Where
+        like's grid differs from the saved one (like built on another mesh),
+        each leaf is re-laid for like's grid with every compact vector that
+        follows it (``spra.sharding.relayout``), so the update stays
+        collective-free there; a leaf whose entries do not split evenly over
+        like's blocks keeps the saved grid, with a warning naming it.
       step: which checkpoint; default the latest.
       base_params: the frozen base weights, needed when ``like`` holds a
         ``LeanState`` (its trained entries are written into a copy of them).
