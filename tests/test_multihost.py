@@ -92,15 +92,15 @@ def test_the_job_on_two_processes_writes_one_run_equal_to_one_process(tmp_path, 
   def argv(out, *flags):
     cfg = FinetuneConfig(model=str(tiny_llama_dir), dataset=str(csv), method="spra", density=0.05, lr=3e-2,
                          steps=8, batch_size=16, max_length=24, eval_every=4, checkpoint_every=4, seed=0,
-                         eval_examples=64, test_examples=64, mesh="data=4", output=str(out))
+                         eval_examples=64, test_examples=64, mesh="data=8", output=str(out))
     return [sys.executable, "-m", "spra_jax", "finetune", *fw.cli_args(cfg),
             "--no-progress", *flags]
 
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-  runs = [(argv(tmp_path / "one"), "4"),
+  runs = [(argv(tmp_path / "one"), "8"),
           *[(argv(tmp_path / "two", "--distributed", "--coordinator-address", f"127.0.0.1:{port}",
-                  "--num-processes", "2", "--process-id", str(i)), "2") for i in (0, 1)]]
+                  "--num-processes", "2", "--process-id", str(i)), "4") for i in (0, 1)]]
   _run_together([(cmd, {**env, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}) for cmd, n in runs])
 
   one, two = tmp_path / "one", tmp_path / "two"
@@ -122,7 +122,7 @@ def test_the_job_on_two_processes_writes_one_run_equal_to_one_process(tmp_path, 
   port = str(_free_port())
   _run_together([(argv(two, "--distributed", "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2",
                        "--process-id", str(i), "--resume"),
-                  {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}) for i in (0, 1)])
+                  {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}) for i in (0, 1)])
   again = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
   assert [(r["step"], r["split"]) for r in again] == [(r["step"], r["split"]) for r in rows[two]]
   for a, b in zip(rows[two], again):

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from spra_jax import _host
 from spra_jax.checkpoint import _files, _format
 from spra_jax.checkpoint.adapter import load_adapter
 from spra_jax.delta import SparseDelta, add_deltas, merge
@@ -153,7 +154,8 @@ def adapter_overlap(a: Any, b: Any) -> AdapterOverlap:
     elif mb.kind == FULL:
       shared = ka
     else:
-      shared = int(np.intersect1d(np.asarray(ma.indices), np.asarray(mb.indices), assume_unique=True).size)
+      # (gathered from every process when the indices span several)
+      shared = int(np.intersect1d(_host.to_host(ma.indices), _host.to_host(mb.indices), assume_unique=True).size)
     leaves[path] = LeafOverlap(ka, kb, shared, ka * kb / size if size else 0.0)
   return AdapterOverlap(
       leaves,
