@@ -123,6 +123,7 @@ def main(out, num_processes, process_id):
   # Dense exports of global arrays, written once: the trained head as a dense adapter, the merged model.
   spra.checkpoint.save_dense_adapter(out / "dense", {"lm_head": masked_params["lm_head"]}, metadata={"method": "full"})
   spra.checkpoint.export_merged(out / "merged", tensor_base, state.delta, config={"model_type": "llama"})
+  spra.checkpoint.export_peft_sparta(out / "sparta", state.delta, base_model="local/tiny-llama")
   assert fingerprint == spra.checkpoint.base_fingerprint(params, mask)
 
   # Each process feeds only its share of a global batch; evaluation gathers per-row results, never the logits.

@@ -77,6 +77,10 @@ def test_two_processes_match_one_process_and_save_one_adapter(tmp_path):
   for name in merged[0]:
     np.testing.assert_allclose(merged[1][name], merged[0][name], atol=1e-5, rtol=0, err_msg=name)
   assert _files.leftovers(cluster / "dense") == _files.leftovers(cluster / "merged") == []
+  sparta = [safetensors.numpy.load_file(str(d / "sparta" / "sparse_deltas.safetensors")) for d in (lone, cluster)]
+  assert sorted(sparta[0]) == sorted(sparta[1])
+  for name in sparta[0]:
+    np.testing.assert_allclose(sparta[1][name], sparta[0][name], atol=1e-5, rtol=0, err_msg=name)
 
 
 def test_the_job_on_two_processes_writes_one_run_equal_to_one_process(tmp_path, tiny_llama_dir):
