@@ -98,6 +98,14 @@ def process_rows(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> sli
 
   Raises:
     ValueError: this process's rows are not one contiguous range.
+
+  Example:
+
+    >>> import jax
+    >>> from jax.sharding import NamedSharding, PartitionSpec as P
+    >>> mesh = jax.sharding.Mesh(jax.devices(), ('data',))
+    >>> process_rows(NamedSharding(mesh, P('data')), (16, 40))  # one process holds every row
+    slice(0, 16, None)
   """
   shape = tuple(int(d) for d in shape)
   spans = []

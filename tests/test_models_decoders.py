@@ -132,6 +132,17 @@ def _on_tokens(a, b, mask):
   return float(np.abs(np.asarray(a)[keep] - np.asarray(b)[keep]).max())
 
 
+def _greedy_matches_hf_generate(model, reference):
+  """Our KV-cache greedy decoding of the left-padded prompts equals HF ``generate``'s; returns the new tokens."""
+  prompt, prompt_mask = _prompts()
+  cached = np.asarray(gen.generate(model, prompt, attention_mask=prompt_mask, max_new_tokens=NEW))
+  with torch.no_grad():
+    hf = reference.generate(torch.from_numpy(prompt), attention_mask=torch.from_numpy(prompt_mask),
+                            max_new_tokens=NEW, do_sample=False, pad_token_id=0, eos_token_id=None)
+  np.testing.assert_array_equal(cached, hf[:, PROMPT:].numpy())
+  return cached
+
+
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family(request):
   name = request.param
@@ -155,11 +166,7 @@ def test_causal_lm_logits_and_greedy_decoding_match_transformers(family):
     assert _on_tokens(_torch_logits(other, ids, mask), expected, mask) > 1e-3, (name, change)
 
   prompt, prompt_mask = _prompts()
-  cached = np.asarray(gen.generate(model, prompt, attention_mask=prompt_mask, max_new_tokens=NEW))
-  with torch.no_grad():
-    hf = reference.generate(torch.from_numpy(prompt), attention_mask=torch.from_numpy(prompt_mask),
-                            max_new_tokens=NEW, do_sample=False, pad_token_id=0, eos_token_id=None)
-  np.testing.assert_array_equal(cached, hf[:, PROMPT:].numpy())
+  cached = _greedy_matches_hf_generate(model, reference)
   # Uncached greedy decoding, in one pass: the full forward over prompt + generated tokens (with generate's
   # positions) must predict each generated token from the ones before it.
   full_ids = np.concatenate([prompt, cached], axis=1)
@@ -222,12 +229,7 @@ def test_phi3_longrope_matches_transformers_on_both_sides_of_the_original_contex
     print(f"phi3 longrope, {n} tokens: max abs diff vs PyTorch {diff:.2e}")
     assert diff < 1e-4
     assert _on_tokens(_torch_logits(plain, ids[:, :n], mask[:, :n]), expected, mask[:, :n]) > 1e-3  # it matters
-  prompt, prompt_mask = _prompts()
-  cached = np.asarray(gen.generate(model, prompt, attention_mask=prompt_mask, max_new_tokens=NEW))
-  with torch.no_grad():
-    hf = reference.generate(torch.from_numpy(prompt), attention_mask=torch.from_numpy(prompt_mask),
-                            max_new_tokens=NEW, do_sample=False, pad_token_id=0, eos_token_id=None)
-  np.testing.assert_array_equal(cached, hf[:, PROMPT:].numpy())
+  _greedy_matches_hf_generate(model, reference)
 
 
 # --------------------------------------------------------------------------

@@ -151,10 +151,8 @@ def save_adapter(
   if index_encoding not in INDEX_ENCODINGS:
     raise ValueError(f"index_encoding must be one of {INDEX_ENCODINGS}, got {index_encoding!r}.")
   final = _files.absolute(directory)
-  if not _host.all_agree(overwrite or not final.exists()):
+  if not _host.all_agree(overwrite or not final.exists()):  # (early: before the delta is gathered)
     raise FileExistsError(f"{final} already exists; pass overwrite=True to replace it.")
-  # Every process has looked before any writes (the first would otherwise see the adapter the other published).
-  _host.barrier(f"spra_jax save_adapter checked {final}")
 
   meta = dict(_format.jsonable(dict(metadata or {}), "metadata"))
   base_model = meta.pop("base_model", None)
@@ -192,22 +190,12 @@ def save_adapter(
 
   # On several processes, every array is on every host by now (gathered above): process 0 writes the one adapter,
   # the others wait for it and fail with it.
-  error = None
-  if _host.is_primary():
-    try:
-      with _files.atomic_output(final, overwrite=overwrite) as tmp:
-        with ocp.StandardCheckpointer(multiprocessing_options=_format.this_process_only()) as ckptr:
-          ckptr.save(tmp / ARRAYS_DIR, arrays)
-          ckptr.wait_until_finished()
-        _files.write_json(tmp / CONFIG_NAME, config)
-    except BaseException as e:  # noqa: BLE001  (re-raised below, after the other processes heard of it)
-      error = e
-  if not bool(_host.broadcast_from_primary(np.int32(error is None))):
-    if error is not None:
-      raise error
-    raise OSError(f"save_adapter: process 0 failed to write {final} (its error says why); nothing was published.")
-  if error is not None:
-    raise error
+  with _files.shared_output(final, overwrite=overwrite, what="save_adapter") as tmp:
+    if tmp is not None:
+      with ocp.StandardCheckpointer(multiprocessing_options=_format.this_process_only()) as ckptr:
+        ckptr.save(tmp / ARRAYS_DIR, arrays)
+        ckptr.wait_until_finished()
+      _files.write_json(tmp / CONFIG_NAME, config)
   return final
 
 

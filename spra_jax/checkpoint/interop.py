@@ -717,7 +717,9 @@ def export_merged(
       fname = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
       tensors = {}
       for path, name, x, m, v, _ in shard:
-        host = _host.to_host(_merged_leaf(x, m, v))
+        host = _host.to_host(_merged_leaf(x, m, v))  # (collective on a cluster: every process gathers)
+        if tmp is None:
+          continue  # not the writing process
         torch_layout = np.ascontiguousarray(_Layout(path, host.shape, to_torch_layout).to_torch(host))
         if name in groups:  # a part of a fused tensor: written once all its parts are here
           fused_name, group = groups[name]
@@ -726,8 +728,7 @@ def export_merged(
             continue
           parts = pending.pop(fused_name)
           name, torch_layout = fused_name, np.concatenate([parts[p] for p, _, _ in group], axis=0)
-        if tmp is not None:
-          tensors[name] = torch_layout
+        tensors[name] = torch_layout
         weight_map[name] = fname
       if tmp is not None:
         safetensors.numpy.save_file(tensors, str(tmp / fname), metadata={"format": "pt"})

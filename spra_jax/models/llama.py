@@ -454,6 +454,14 @@ def rope_attention_scaling(config: LlamaConfig) -> float:
   ``attention_factor`` when the config gives one, else ``sqrt(1 + ln f / ln L0)`` with ``f`` the context
   extension (``factor``, or ``max_position_embeddings / original_max_position_embeddings``) and ``L0`` the
   original context, as transformers computes it.
+
+  Example:
+
+    >>> c = LlamaConfig(hidden_size=16, num_attention_heads=2, model_type='phi3', max_position_embeddings=131072,
+    ...                 rope_scaling={'rope_type': 'longrope', 'short_factor': [1.0] * 4, 'long_factor': [4.0] * 4,
+    ...                               'original_max_position_embeddings': 4096})
+    >>> round(rope_attention_scaling(c), 4), rope_attention_scaling(LlamaConfig())
+    (1.1902, 1.0)
   """
   if config.rope_type != "longrope":
     return 1.0

@@ -30,9 +30,10 @@ from spra_jax.delta import SparseDelta
 from spra_jax.lean import LeanState
 from spra_jax.masks import SPARSE, LeafMask, block_grid, compact_sharding, is_leaf_mask, path_str, relayout_leaf
 from spra_jax.sharding.mesh import _is_sharding
+from spra_jax.sharding.state import _suffix_finder
 from spra_jax.transform import SparseMaskedState, without_variables
 
-__all__ = ["map_compact", "relayout", "relayout_masks"]
+__all__ = ["relayout"]  # (map_compact and relayout_masks serve TrainCheckpointer.restore)
 
 # One re-laid sparse leaf: its new mask and the permutation of its compact vectors.
 _Plan = dict[str, tuple[LeafMask, np.ndarray]]
@@ -86,13 +87,8 @@ def map_compact(node: Any, touched: Any, mask_fn: Callable[[str, LeafMask], Leaf
         lambda path, x: value_fn(path_str(path), leaves[path_str(path)], x)
         if path_str(path) in touched and x is not None else x, tree)
 
-  def owner(path: str, shape: tuple[int, ...]) -> str | None:
-    parts = path.split("/")
-    for start in range(len(parts)):
-      p = "/".join(parts[start:])
-      if p in touched and shape == (leaves[p].num_trainable,):
-        return p
-    return None
+  # An optimizer-state leaf follows the touched leaf whose path is the longest suffix of its own, at its [k] shape.
+  owner = _suffix_finder([(p, (leaves[p].num_trainable,), p) for p in touched])
 
   def opt_tree(tree):
     def one(path, x):
