@@ -20,7 +20,8 @@ import sys
 DEVICES = 8
 if __name__ == "__main__":  # (imported, e.g. by a doctest collection, it only defines things)
   out, num_processes, process_id, port = pathlib.Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-  os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={DEVICES // num_processes}"
+  os.environ["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} "  # (the test run's compile flags, if any)
+                               f"--xla_force_host_platform_device_count={DEVICES // num_processes}")
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402

@@ -103,7 +103,7 @@ def _env(cache_dir):
   # The three processes run the same programs: share compilations through the persistent cache.
   env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-  env.pop("XLA_FLAGS", None)
+  # (XLA_FLAGS is inherited: one device and the run's compile flags, as in this process)
   # The subprocess imports spra_jax from this checkout, like the test itself.
   env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   return env

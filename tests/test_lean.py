@@ -106,8 +106,10 @@ def test_lean_step_matches_spra_masked_step_for_step(params, batch):
     assert float(loss) == pytest.approx(float(ref_loss), rel=1e-5)
   state = step.flush(state)
   assert int(state.step) == 5
+  # (two differently compiled programs: Adam's division by sqrt(v) turns a last-bit difference in a small gradient
+  # into up to a few 1e-5 of a weight after 5 steps of 1e-2; a wrong entry would be off by a step, 1e-2)
   for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref_params)):
-    np.testing.assert_allclose(a, b, atol=1e-6)
+    np.testing.assert_allclose(a, b, atol=5e-5)
   # The weights equal base + delta.
   for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(spra.merge(params, state.delta))):
     np.testing.assert_allclose(a, b, atol=1e-6)

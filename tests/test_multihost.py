@@ -47,7 +47,7 @@ def test_two_processes_match_one_process_and_save_one_adapter(tmp_path):
   lone.mkdir()
   cluster.mkdir()
   port = str(_free_port())
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}  # (the worker adds its device count)
   cmds = [[sys.executable, str(WORKER), str(lone), "1", "0", "0"],
           *[[sys.executable, str(WORKER), str(cluster), "2", str(i), port] for i in (0, 1)]]
   _run_together([(c, env) for c in cmds])
@@ -100,12 +100,12 @@ def test_the_job_on_two_processes_writes_one_run_equal_to_one_process(tmp_path, 
     return [sys.executable, "-m", "spra_jax", "finetune", *fw.cli_args(cfg),
             "--no-progress", *flags]
 
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env, flags = dict(os.environ), os.environ.get("XLA_FLAGS", "")  # (the run's compile flags, and a device count)
   env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
   runs = [(argv(tmp_path / "one"), "8"),
           *[(argv(tmp_path / "two", "--distributed", "--coordinator-address", f"127.0.0.1:{port}",
                   "--num-processes", "2", "--process-id", str(i)), "4") for i in (0, 1)]]
-  _run_together([(cmd, {**env, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}) for cmd, n in runs])
+  _run_together([(cmd, {**env, "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={n}"}) for cmd, n in runs])
 
   one, two = tmp_path / "one", tmp_path / "two"
   rows = {d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (one, two)}
@@ -126,7 +126,7 @@ def test_the_job_on_two_processes_writes_one_run_equal_to_one_process(tmp_path, 
   port = str(_free_port())
   _run_together([(argv(two, "--distributed", "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2",
                        "--process-id", str(i), "--resume"),
-                  {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}) for i in (0, 1)])
+                  {**env, "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count=4"}) for i in (0, 1)])
   again = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
   assert [(r["step"], r["split"]) for r in again] == [(r["step"], r["split"]) for r in rows[two]]
   for a, b in zip(rows[two], again):
