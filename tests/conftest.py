@@ -15,7 +15,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # first (pytest itself, or xdist's controller) makes it, and every process started from there inherits it through
 # the environment: both xdist workers, the notebook kernels, the examples' and jobs' subprocesses (those that set a
 # cache of their own keep theirs). A program that one of them compiled (the same model initialisation, the same
-# step, a model's initialisation) is loaded by the others instead of compiled again. A size limit turns on the
+# step) is loaded by the others instead of compiled again. A size limit turns on the
 # cache's file lock, so that two processes never read an entry that another is still writing.
 # Only programs that took half a second or more to compile are kept: with the lock on, every write lists and stats
 # the whole cache directory, and a run's tens of thousands of small eager programs (each compiled in about 50 ms,
@@ -29,13 +29,23 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
 
 # The CPU backend's optimisation level 0 for every test process and every process started from it (workers,
-# kernels, jobs, the 8-device and multi-host subprocesses add it to their own flags): compiling, not running,
+# kernels, jobs; the 8-device and multi-host subprocesses keep it and add a device count): compiling, not running,
 # dominates a test of these small models, and level 0 compiles a small program about three times faster
 # (50 ms instead of 150). Values do not depend on it beyond rounding; every comparison here runs both sides
 # under the same flags.
 FAST_COMPILE = "--xla_backend_optimization_level=0"
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
+
+
+def xla_flags(devices: int) -> str:
+  """This run's ``XLA_FLAGS`` (its compile flags) for a subprocess that needs ``devices`` fake CPU devices.
+
+  >>> xla_flags(8).split()[-1]
+  '--xla_force_host_platform_device_count=8'
+  """
+  kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+  return " ".join([*kept, f"--xla_force_host_platform_device_count={devices}"])
 
 
 def pytest_unconfigure(config):

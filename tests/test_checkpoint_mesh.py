@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from conftest import xla_flags
 
 import spra_jax as spra
 
@@ -66,7 +67,7 @@ EIGHT_DEVICES = textwrap.dedent(
 def test_save_on_8_devices_restore_on_4_and_1(tmp_path):
   script = tmp_path / "eight.py"
   script.write_text(EIGHT_DEVICES)
-  env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+  env = dict(os.environ, XLA_FLAGS=xla_flags(8), JAX_PLATFORMS="cpu",
              PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   proc = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True,
                         timeout=300, check=False)

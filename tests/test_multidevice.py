@@ -14,12 +14,12 @@ import subprocess
 import sys
 import tempfile
 
+from conftest import xla_flags
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-# Eight fake CPU devices. Optimisation level 0 of the CPU backend cuts compile
-# time (which dominates these tests on a small CPU machine) by about two thirds;
-# every parity test compares runs compiled with the same flags.
-FLAGS = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+# Eight fake CPU devices, compiled with the run's flags (tests/conftest.py: optimisation level 0).
+FLAGS = xla_flags(8)
 
 
 def run_on_8_devices(target: str, *, compile_cache: bool = False) -> str:

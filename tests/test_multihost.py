@@ -15,6 +15,7 @@ import sys
 import jax
 import numpy as np
 import safetensors.numpy
+from conftest import xla_flags
 
 import spra_jax as spra
 from spra_jax.checkpoint import _files
@@ -100,12 +101,12 @@ def test_the_job_on_two_processes_writes_one_run_equal_to_one_process(tmp_path, 
     return [sys.executable, "-m", "spra_jax", "finetune", *fw.cli_args(cfg),
             "--no-progress", *flags]
 
-  env, flags = dict(os.environ), os.environ.get("XLA_FLAGS", "")  # (the run's compile flags, and a device count)
+  env = dict(os.environ)
   env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
   runs = [(argv(tmp_path / "one"), "8"),
           *[(argv(tmp_path / "two", "--distributed", "--coordinator-address", f"127.0.0.1:{port}",
                   "--num-processes", "2", "--process-id", str(i)), "4") for i in (0, 1)]]
-  _run_together([(cmd, {**env, "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={n}"}) for cmd, n in runs])
+  _run_together([(cmd, {**env, "XLA_FLAGS": xla_flags(int(n))}) for cmd, n in runs])
 
   one, two = tmp_path / "one", tmp_path / "two"
   rows = {d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (one, two)}
@@ -126,7 +127,7 @@ def test_the_job_on_two_processes_writes_one_run_equal_to_one_process(tmp_path, 
   port = str(_free_port())
   _run_together([(argv(two, "--distributed", "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2",
                        "--process-id", str(i), "--resume"),
-                  {**env, "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count=4"}) for i in (0, 1)])
+                  {**env, "XLA_FLAGS": xla_flags(4)}) for i in (0, 1)])
   again = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
   assert [(r["step"], r["split"]) for r in again] == [(r["step"], r["split"]) for r in rows[two]]
   for a, b in zip(rows[two], again):

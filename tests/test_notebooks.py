@@ -6,6 +6,7 @@ import pathlib
 import re
 
 import pytest
+from conftest import xla_flags
 
 nbformat = pytest.importorskip("nbformat", reason="the notebooks extra (nbformat, nbclient, ipykernel) is not installed")
 nbclient = pytest.importorskip("nbclient", reason="the notebooks extra (nbformat, nbclient, ipykernel) is not installed")
@@ -20,7 +21,7 @@ SMALL = {
                        "SPRA_NB_BATCH_SIZE": "8", "SPRA_NB_MAX_LENGTH": "16", "SPRA_NB_EVAL_EXAMPLES": "32"},
     # The shipped SmolLM2-135M (loaded twice: the job's model and the fresh base of the merge) on a mesh of two CPU
     # devices (only the kernel sees them), so the batch of 1 is rounded up to 2 and each step splits it.
-    "finetune_tpu": {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2",
+    "finetune_tpu": {"XLA_FLAGS": xla_flags(2),
                      "SPRA_NB_MODEL": "smollm2-135m", "SPRA_NB_STEPS": "2", "SPRA_NB_BATCH_SIZE": "1",
                      "SPRA_NB_MAX_LENGTH": "64", "SPRA_NB_TRAIN_EXAMPLES": "64", "SPRA_NB_EVAL_EXAMPLES": "4",
                      "SPRA_NB_NEW_TOKENS": "8"},
