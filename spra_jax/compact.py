@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -80,7 +81,14 @@ def take(x: jax.Array, m: LeafMask) -> jax.Array:
     >>> take(x, LeafMask.sparse((2, 4), jnp.array([4, 1, 3, 6], jnp.int32), blocks=(1, 2)))
     Array([4., 1., 3., 6.], dtype=float32)
   """
-  x = jnp.asarray(x)  # numpy arrays (and scalars) have no ``.at``; jnp.reshape keeps numpy as numpy
+  return _take(jnp.asarray(x), m)  # numpy arrays (and scalars) have no ``.at``; jnp.reshape keeps numpy as numpy
+
+
+# ``take`` and ``put`` are each one compiled program per leaf shape and mask size: called eagerly (merging, extracting,
+# restoring), their handful of reshapes, index arithmetic and the gather or scatter would otherwise compile one
+# program each, per shape. Inside a jitted step they inline as before.
+@jax.jit
+def _take(x: jax.Array, m: LeafMask) -> jax.Array:
   if m.blocks is None:
     return jnp.reshape(x, (-1,)).at[m.indices].get(**INDEX_HINTS)
   rows = _to_blocks(x, m.blocks)
@@ -101,7 +109,11 @@ def put(x: jax.Array, m: LeafMask, values: jax.Array, *, add: bool = False) -> j
            [1., 0., 4., 0.]], dtype=float32)
   """
   x = jnp.asarray(x)
-  values = jnp.asarray(values, x.dtype)
+  return _put(x, m, jnp.asarray(values, x.dtype), add=add)
+
+
+@functools.partial(jax.jit, static_argnames="add")
+def _put(x: jax.Array, m: LeafMask, values: jax.Array, *, add: bool) -> jax.Array:
   if m.blocks is None:
     at = jnp.reshape(x, (-1,)).at[m.indices]
     return (at.add(values, **INDEX_HINTS) if add else at.set(values, **INDEX_HINTS)).reshape(m.shape)

