@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import os
 import pathlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -161,12 +162,38 @@ def _split(ds: Any, fractions: Sequence[float], seed: int, stratify: str | None)
   import datasets
 
   train_f, val_f, test_f = fractions
-  kwargs = {"seed": seed}
-  if stratify is not None:
-    kwargs["stratify_by_column"] = stratify
-  first = ds.train_test_split(test_size=val_f + test_f, **kwargs)
-  rest = first["test"].train_test_split(test_size=test_f / (val_f + test_f), **kwargs)
-  return datasets.DatasetDict({"train": first["train"], "validation": rest["train"], "test": rest["test"]})
+  train, held_out = _train_test_split(ds, val_f + test_f, seed, stratify)
+  validation, test = _train_test_split(held_out, test_f / (val_f + test_f), seed, stratify)
+  return datasets.DatasetDict({"train": train, "validation": validation, "test": test})
+
+
+def _train_test_split(ds: Any, test_size: float, seed: int, stratify: str | None) -> tuple[Any, Any]:
+  """``ds.train_test_split(test_size=..., seed=..., stratify_by_column=...)``, as ``(train, test)``: the same rows.
+
+  The stratified case draws the same indices with the same generator as ``datasets`` does, from the label column
+  read in one piece: ``datasets`` reads it row by row (about 5 s for 10,000 labels, which every job paid).
+  """
+  if stratify is None:
+    parts = ds.train_test_split(test_size=test_size, seed=seed)
+    return parts["train"], parts["test"]
+  from datasets.utils.stratify import stratified_shuffle_split_generate_indices
+
+  if not 0 < test_size < 1:
+    raise ValueError(f"test_size={test_size} should be a float in the (0, 1) range")
+  n_test = math.ceil(test_size * len(ds))
+  n_train = len(ds) - n_test
+  if n_train <= 0:
+    raise ValueError(f"with {len(ds)} rows and test_size={test_size}, the train split would be empty")
+  labels = np.asarray(ds[stratify][:])
+  try:
+    train, test = next(stratified_shuffle_split_generate_indices(labels, n_train, n_test,
+                                                                  rng=np.random.default_rng(seed)))
+  except ValueError as error:
+    if str(error) == "Minimum class count error":
+      raise ValueError(f"The least populated class in {stratify} column has only 1 member, which is too few. "
+                       "The minimum number of groups for any class cannot be less than 2.") from None
+    raise
+  return ds.select(train), ds.select(test)
 
 
 def _stratify_column(ds: Any, label_column: str) -> str | None:
@@ -371,9 +398,8 @@ def _complete_splits(loaded: Any, fractions: Sequence[float], seed: int, label_c
   if "validation" in loaded:
     out["validation"] = loaded["validation"]
   else:
-    kwargs = {"seed": seed, **({"stratify_by_column": stratify} if stratify else {})}
-    parts = train.train_test_split(test_size=fractions[1] / (fractions[0] + fractions[1]), **kwargs)
-    out["train"], out["validation"] = parts["train"], parts["test"]
+    out["train"], out["validation"] = _train_test_split(train, fractions[1] / (fractions[0] + fractions[1]), seed,
+                                                        stratify)
   return datasets.DatasetDict({k: out[k] for k in ("train", "validation", "test")})
 
 
@@ -417,12 +443,12 @@ def tokenize_classification(
   _require_columns(ds, [text_column, label_column], "classification")
   if tokenizer.pad_token_id is None:
     raise ValueError("the tokenizer has no padding token; set tokenizer.pad_token (e.g. to its eos token)")
-  enc = tokenizer(list(ds[text_column]), padding="max_length", truncation=True, max_length=max_length,
+  enc = tokenizer(ds[text_column][:], padding="max_length", truncation=True, max_length=max_length,
                   return_tensors="np")
   return {
       "input_ids": enc["input_ids"].astype(np.int32),
       "attention_mask": enc["attention_mask"].astype(np.int32),
-      "labels": np.asarray(ds[label_column], dtype=np.int32),
+      "labels": np.asarray(ds[label_column][:], dtype=np.int32),
   }
 
 
@@ -494,7 +520,7 @@ def tokenize_sft(
   ids = np.full((n, max_length), pad_id, np.int32)
   attention = np.zeros((n, max_length), np.int32)
   loss = np.zeros((n, max_length), np.int32)
-  for i, (prompt, response) in enumerate(zip(ds[prompt_column], ds[response_column])):
+  for i, (prompt, response) in enumerate(zip(ds[prompt_column][:], ds[response_column][:])):
     if chat_template:
       turns = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
       prompt_text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
@@ -566,7 +592,7 @@ class TokenizedSplit:
   def __getitem__(self, name: str) -> np.ndarray:
     """One array over every row: a ``columns`` entry is read from the dataset; others tokenise the whole split once."""
     if name in self._columns:
-      return np.asarray(self._ds[self._columns[name]])
+      return np.asarray(self._ds[self._columns[name]][:])
     if self._all is None:
       self._all = self._tokenize(self._ds)
     return self._all[name]
