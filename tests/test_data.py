@@ -44,6 +44,18 @@ def test_splits_are_disjoint_stratified_and_seeded(rt):
   assert list(other["test"]["text"]) != list(rt["test"]["text"])
 
 
+def test_stratified_split_draws_the_rows_of_datasets_train_test_split(rt):
+  # The split reads the label column in one piece and draws with datasets' own generator: the same rows as
+  # `train_test_split(stratify_by_column=...)`, which reads the column row by row.
+  ds = rt["train"].select(range(2_000))
+  for seed, size in ((0, 0.2), (3, 0.5)):
+    train, test = data._train_test_split(ds, size, seed, "label")
+    reference = ds.train_test_split(test_size=size, seed=seed, stratify_by_column="label")
+    assert train["text"][:] == reference["train"]["text"][:] and test["text"][:] == reference["test"]["text"][:]
+  with pytest.raises(ValueError, match="least populated class in label column has only 1 member"):
+    data._train_test_split(ds.filter(lambda row, i: row["label"] == 1 or i == 0, with_indices=True), 0.5, 0, "label")
+
+
 def test_tweets_three_classes_latin1_and_conflicts_dropped():
   ds = data.load("tweets", seed=0)
   assert ds["train"].features["label"].names == ["negative", "neutral", "positive"]
