@@ -38,6 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--max-length", type=int, default=48, help="tokens per example (longer ones are truncated)")
   ap.add_argument("--eval-every", type=int, default=100)
   ap.add_argument("--eval-examples", type=int, default=512, help="validation examples per evaluation (0: all)")
+  ap.add_argument("--test-examples", type=int, default=0, help="test examples of the final evaluation (0: all)")
   ap.add_argument("--seed", type=int, default=0, help="seeds the split, the mask, the head and the data order")
   ap.add_argument("--output", default="runs/classify")
   ap.add_argument("--overwrite", action="store_true", help="delete what --output holds and start over")
@@ -52,12 +53,13 @@ def main(argv=None) -> dict:
       model=args.model, dataset=args.dataset, task="classification", method=args.method, density=args.density,
       distribution=args.distribution, lr=args.lr, steps=args.steps, batch_size=args.batch_size,
       max_length=args.max_length, eval_every=args.eval_every, eval_examples=args.eval_examples,
-      checkpoint_every=max(args.eval_every, 1), seed=args.seed, output=args.output)
+      test_examples=args.test_examples, checkpoint_every=max(args.eval_every, 1), seed=args.seed, output=args.output)
   results = finetune(config, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
 
   test, share = results["test"], results["trainable"] / results["parameters"]
   name = f"SpaRTA {100 * args.density:g} % ({args.distribution})" if args.method == "spra" else args.method
-  print(f"\n{args.dataset}, {results['steps']} steps, test split:")
+  rows = f"first {args.test_examples} rows of the " if args.test_examples else ""
+  print(f"\n{args.dataset}, {results['steps']} steps, {rows}test split:")
   print("| model | test accuracy | test MCC | trainable parameters |")
   print("|---|---|---|---|")
   print(f"| majority class | {results['majority']:.4f} | 0.0000 | – |")

@@ -67,7 +67,7 @@ def classify_run(tmp_path_factory):
   """One tiny SpaRTA job on Rotten Tomatoes through examples/classify.py; the merge test reuses its adapter."""
   out = tmp_path_factory.mktemp("classify") / "run"
   args = ["--steps", "4", "--batch-size", "32", "--max-length", "16", "--density", "0.01", "--eval-every", "2",
-          "--eval-examples", "48", "--output", str(out), "--no-progress"]
+          "--eval-examples", "48", "--test-examples", "160", "--output", str(out), "--no-progress"]
   return load("examples/classify.py").main(args), out
 
 
@@ -76,6 +76,7 @@ def test_classify_trains_minilm_and_reports_test_metrics_beside_the_majority_cla
   saved = json.loads((out / "results.json").read_text())
   assert saved["test"] == results["test"] and set(results["test"]) == {"accuracy", "mcc", "f1"}
   assert results["steps"] == 4 and 0.5 < results["majority"] < 0.65  # Rotten Tomatoes is 58 % fresh
+  assert round(results["majority"] * 160, 6).is_integer()  # the test metrics cover the first 160 test rows
   # 1 % of the V and O projections of 6 layers (12 x (384 x 384 + 384) entries), plus the 770-entry head.
   assert 15_000 < results["trainable"] < 20_000 and results["parameters"] > 22_000_000
   rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
