@@ -100,12 +100,30 @@ class ShardedTrainStep:
     return self._jitted[n]
 
   def __call__(self, params: Any, opt_state: Any, *batch: Any):
-    """One step: ``(params, opt_state, loss)`` (plus ``aux`` with ``has_aux``); the inputs are donated."""
+    """One step: ``(params, opt_state, loss)`` (plus ``aux`` with ``has_aux``); the inputs are donated.
+
+    Leaves not yet on their sharding (the step count of a fresh ``tx.init``, made off the mesh) are placed there
+    first: the step's outputs carry the mesh in their types, and a first call with other types would trace and
+    compile the step a second time at the second call.
+    """
+    params = _placed(params, self.param_shardings)
+    opt_state = _placed(opt_state, self.opt_state_shardings)
     return self._for(len(batch))(params, opt_state, *batch)
 
   def lower(self, params: Any, opt_state: Any, *batch: Any):
     """The lowered step (``.compile().as_text()`` gives its HLO); runs nothing."""
     return self._for(len(batch)).lower(params, opt_state, *batch)
+
+
+def _placed(tree: Any, shardings: Any) -> Any:
+  """``tree`` with each array on its sharding in ``shardings`` (a tree of ``NamedSharding`` with ``tree``'s structure,
+  or a prefix of it); arrays already there are passed through untouched, so their buffers can still be donated."""
+
+  def place(sharding, subtree):
+    return jax.tree.map(lambda x: x if not isinstance(x, jax.Array) or x.sharding == sharding
+                        else jax.device_put(x, sharding), subtree)
+
+  return jax.tree.map(place, shardings, tree, is_leaf=_is_sharding)
 
 
 def _layout_of_params(state: LeanState) -> LeanState:
