@@ -2,10 +2,11 @@
 
 JAX fixes its device count when the backend starts, so those tests need a fresh
 process with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``; each test
-here starts one for one file of tests/multidevice and fails with its output if
-anything there fails (or is skipped). The two files run as two tests in two test
-files (this one and ``test_multidevice_finetune.py``), so that the suite's two
-workers can run them side by side.
+here starts one for files of tests/multidevice and fails with its output if
+anything there fails (or is skipped). They run as two tests in two test files
+(this one: the sharding suite; ``test_multidevice_finetune.py``: the job and
+the bf16 paths on meshes), so that the suite's two workers can run them side by
+side.
 """
 
 import os
@@ -22,8 +23,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 FLAGS = xla_flags(8)
 
 
-def run_on_8_devices(target: str, *, compile_cache: bool = False) -> str:
-  """Runs ``pytest target`` (a path under tests/multidevice) with 8 CPU devices; returns its output.
+def run_on_8_devices(*targets: str, compile_cache: bool = False) -> str:
+  """Runs ``pytest *targets`` (paths under tests/multidevice) in one process with 8 CPU devices; returns its output.
 
   ``compile_cache``: a compilation cache, new for each run, lets a test load a program an earlier test of the run
   compiled (the same sharded lean step on the same mesh, say) instead of compiling it again.
@@ -34,11 +35,11 @@ def run_on_8_devices(target: str, *, compile_cache: bool = False) -> str:
       env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", target, "-p", "no:cacheprovider", "-rs"],
+        [sys.executable, "-m", "pytest", *targets, "-p", "no:cacheprovider", "-rs"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )
   output = proc.stdout + proc.stderr
-  assert proc.returncode == 0, f"{target} failed (exit {proc.returncode}):\n{output[-12000:]}"
+  assert proc.returncode == 0, f"{' '.join(targets)} failed (exit {proc.returncode}):\n{output[-12000:]}"
   assert " passed" in output and "skipped" not in output, output[-4000:]
   return output
 
