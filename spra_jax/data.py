@@ -171,7 +171,8 @@ def _train_test_split(ds: Any, test_size: float, seed: int, stratify: str | None
   """``ds.train_test_split(test_size=..., seed=..., stratify_by_column=...)``, as ``(train, test)``: the same rows.
 
   The stratified case draws the same indices with the same generator as ``datasets`` does, from the label column
-  read in one piece: ``datasets`` reads it row by row (about 5 s for 10,000 labels, which every job paid).
+  read in one piece: ``datasets`` reads it row by row (about 3 s to split Rotten Tomatoes' 12,752 rows, which
+  every job paid).
   """
   if stratify is None:
     parts = ds.train_test_split(test_size=test_size, seed=seed)

@@ -21,6 +21,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # Eight fake CPU devices, compiled with the run's flags (tests/conftest.py: optimisation level 0).
 FLAGS = xla_flags(8)
+# What each of the two 8-device processes runs: together, every file of tests/multidevice.
+SHARDING_FILES = ("tests/multidevice/test_sharding.py",)
+MESH_JOB_FILES = ("tests/multidevice/test_finetune_mesh.py", "tests/multidevice/test_precision_mesh.py")
 
 
 def run_on_8_devices(*targets: str, compile_cache: bool = False) -> str:
@@ -44,7 +47,12 @@ def run_on_8_devices(*targets: str, compile_cache: bool = False) -> str:
   return output
 
 
+def test_every_8_device_file_has_a_process():
+  files = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "tests" / "multidevice").glob("test_*.py"))
+  assert files == sorted(SHARDING_FILES + MESH_JOB_FILES), files
+
+
 def test_sharding_suite_passes_on_8_devices():
   # (the cache: test_lean_step_with_explicit_shardings_equals_sharded_lean_step loads the 2x4 lean step of the
   # parity test before it)
-  run_on_8_devices("tests/multidevice/test_sharding.py", compile_cache=True)
+  run_on_8_devices(*SHARDING_FILES, compile_cache=True)

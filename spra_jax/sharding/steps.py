@@ -111,8 +111,10 @@ class ShardedTrainStep:
     return self._for(len(batch))(params, opt_state, *batch)
 
   def lower(self, params: Any, opt_state: Any, *batch: Any):
-    """The lowered step (``.compile().as_text()`` gives its HLO); runs nothing."""
-    return self._for(len(batch)).lower(params, opt_state, *batch)
+    """The lowered step (``.compile().as_text()`` gives its HLO): the program a call with these inputs runs; runs
+    nothing."""
+    return self._for(len(batch)).lower(_placed(params, self.param_shardings),
+                                       _placed(opt_state, self.opt_state_shardings), *batch)
 
 
 def _placed(tree: Any, shardings: Any) -> Any:
