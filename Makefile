@@ -41,7 +41,7 @@ study: $(STAMP)
 	$(PY) examples/study --workers 2
 
 # Two workers, each taking whole test files (module fixtures load a model or a dataset once per file):
-# about 11½ minutes on 2 CPU cores (587 tests; 14 with the set-up above), the longest files first (tests/conftest.py: HEAVY_FIRST); one process
+# about 11 minutes on 2 CPU cores (588 tests; 14 with the set-up above), the longest files first (tests/conftest.py: HEAVY_FIRST); one process
 # would leave a core idle while XLA compiles.
 test: $(STAMP)
 	$(PY) -m ruff check .
